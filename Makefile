@@ -1,0 +1,32 @@
+# Two commands, each doing its own set-up from nothing:
+#   make book   executes every chapter at its default parameters and builds _build/html
+#   make test   runs the whole test suite (chapters at their test-sized parameters included)
+PYTHON      ?= python3
+VENV        ?= .venv
+CONSTRAINTS := constraints.txt
+EXTRAS      := book,test
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.lmcore-installed
+
+.PHONY: all setup book test clean
+
+all: test
+
+setup: $(STAMP)
+
+# Re-install whenever the package metadata or the pinned versions change.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+book: setup
+	$(PY) -m lmcore.book build
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf _build _stage .pytest_cache

@@ -1,0 +1,58 @@
+"""The attention-backend registry.
+
+An attention backend is a function ``fn(q, k, v, causal=True, **options) -> out`` on tensors of
+shape ``(batch, heads, seq, head_dim)`` (``k`` and ``v`` may have their own sequence length).
+``TransformerLM(config)`` looks its ``attention_backend`` up here by name, so later chapters
+plug their kernels in without touching the model::
+
+    @register_attention_backend("flash_triton")
+    def _flash(q, k, v, causal=True, **options): ...
+
+Backends defined in optional subpackages register themselves on import; ``get_attention_backend``
+imports the module listed in ``_LAZY`` the first time such a name is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+AttentionFn = Callable[..., "object"]
+
+_BACKENDS: dict[str, AttentionFn] = {}
+
+# name -> module that registers it when imported (kept lazy so torch-only users never import triton)
+_LAZY: dict[str, str] = {
+    "reference": "lmcore.nn.attention",
+    "vectorized": "lmcore.nn.attention",
+    "sdpa": "lmcore.nn.attention",
+    "flash_torch": "lmcore.kernels",
+    "flash_triton": "lmcore.kernels",
+    "block_sparse": "lmcore.sparse",
+    "nsa": "lmcore.sparse",
+}
+
+
+def register_attention_backend(name: str) -> Callable[[AttentionFn], AttentionFn]:
+    """Decorator: register ``fn`` as the attention backend called ``name``."""
+
+    def decorate(fn: AttentionFn) -> AttentionFn:
+        _BACKENDS[name] = fn
+        return fn
+
+    return decorate
+
+
+def get_attention_backend(name: str) -> AttentionFn:
+    """The backend registered as ``name``; raises ``ValueError`` listing the known names."""
+    if name not in _BACKENDS and name in _LAZY:
+        importlib.import_module(_LAZY[name])
+    if name not in _BACKENDS:
+        known = sorted(set(_BACKENDS) | set(_LAZY))
+        raise ValueError(f"unknown attention backend {name!r}; expected one of: {', '.join(known)}")
+    return _BACKENDS[name]
+
+
+def attention_backends() -> list[str]:
+    """Names of every backend that can be asked for."""
+    return sorted(set(_BACKENDS) | set(_LAZY))

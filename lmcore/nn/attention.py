@@ -1,0 +1,119 @@
+"""Attention: the math, three interchangeable backends, and the causal self-attention layer.
+
+Backends are registered by name in :mod:`lmcore.nn.registry`; every backend has the signature
+``fn(q, k, v, causal=True, **options)`` on tensors of shape (batch, heads, seq, head_dim).
+When ``k`` is longer than ``q`` (decoding with a KV cache), the queries are the *last*
+``q.shape[-2]`` positions, so query ``i`` may attend keys ``0 .. Tk - Tq + i``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmcore.nn.layers import Linear, softmax
+from lmcore.nn.registry import get_attention_backend, register_attention_backend
+
+
+def causal_mask(t_q: int, t_k: int, device=None) -> torch.Tensor:
+    """Boolean (t_q, t_k) mask, True = may attend; queries are the last ``t_q`` of ``t_k`` positions."""
+    if t_q > t_k:
+        raise ValueError(f"causal attention needs at least as many keys as queries, got {t_q} queries "
+                         f"and {t_k} keys")
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
+
+
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + mask) v``; ``mask`` is boolean with True = may attend.
+
+    Shapes: ``q`` (..., Tq, D), ``k`` (..., Tk, D), ``v`` (..., Tk, Dv), ``mask`` broadcastable to
+    (..., Tq, Tk). Returns (..., Tq, Dv).
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., Tq, Tk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return softmax(scores, dim=-1) @ v  # (..., Tq, Dv)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"attention expects (batch, heads, seq, head_dim) tensors, got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape[:-1] + (k.shape[-1],) or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"incompatible attention shapes q={tuple(q.shape)} k={tuple(k.shape)} "
+                         f"v={tuple(v.shape)}")
+
+
+@register_attention_backend("reference")
+def reference_attention(q, k, v, causal: bool = True, **options):
+    """The written-out math, one (batch, head) at a time: slow, and obviously right."""
+    _check(q, k, v)
+    B, H, Tq, _ = q.shape
+    mask = causal_mask(Tq, k.shape[-2], q.device) if causal else None
+    out = torch.empty(B, H, Tq, v.shape[-1], dtype=q.dtype, device=q.device)  # (B, H, Tq, D)
+    for b in range(B):
+        for h in range(H):
+            out[b, h] = scaled_dot_product_attention(q[b, h], k[b, h], v[b, h], mask)  # (Tq, D)
+    return out
+
+
+@register_attention_backend("vectorized")
+def vectorized_attention(q, k, v, causal: bool = True, **options):
+    """The same math on all batches and heads at once (batched matmuls)."""
+    _check(q, k, v)
+    mask = causal_mask(q.shape[-2], k.shape[-2], q.device) if causal else None
+    return scaled_dot_product_attention(q, k, v, mask)  # (B, H, Tq, D)
+
+
+@register_attention_backend("sdpa")
+def sdpa_attention(q, k, v, causal: bool = True, **options):
+    """``torch.nn.functional.scaled_dot_product_attention`` (fused kernels such as FlashAttention)."""
+    _check(q, k, v)
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    if causal and t_q != t_k:
+        if t_q == 1:  # one new query sees every cached key
+            return F.scaled_dot_product_attention(q, k, v, is_causal=False, **options)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t_q, t_k, q.device), **options)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **options)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with rotary positions and optional grouped-query heads.
+
+    ``n_kv_heads < n_heads`` shares each key/value head among ``n_heads // n_kv_heads`` query heads
+    (grouped-query attention), which shrinks the KV cache by that factor.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
+                 backend: str = "sdpa", backend_options: dict | None = None, device=None, dtype=None):
+        super().__init__()
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads or n_heads
+        self.head_dim = d_model // n_heads
+        self.q_proj = Linear(d_model, n_heads * self.head_dim, device=device, dtype=dtype)
+        self.k_proj = Linear(d_model, self.n_kv_heads * self.head_dim, device=device, dtype=dtype)
+        self.v_proj = Linear(d_model, self.n_kv_heads * self.head_dim, device=device, dtype=dtype)
+        self.o_proj = Linear(n_heads * self.head_dim, d_model, device=device, dtype=dtype)
+        self.backend_name = backend
+        self.attend = get_attention_backend(backend)
+        self.backend_options = dict(backend_options or {})
+
+    def forward(self, x: torch.Tensor, rope=None, start_pos: int = 0, cache=None, layer: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if rope is not None:
+            q, k = rope(q, start_pos), rope(k, start_pos)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, start_pos)  # (B, Hkv, start_pos + T, D)
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(repeat, dim=1)  # (B, H, Tk, D)
+            v = v.repeat_interleave(repeat, dim=1)  # (B, H, Tk, D)
+        y = self.attend(q, k, v, causal=True, **self.backend_options)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, d)

@@ -1,0 +1,131 @@
+"""TransformerLM: configs, presets, backends, grouped-query heads, caching and checkpointing."""
+
+import pytest
+import torch
+from torch import nn
+
+from lmcore.nn import KVCache, ModelConfig, PRESETS, TransformerLM, attention_backends, get_attention_backend
+
+BACKENDS = ["reference", "vectorized", "sdpa"]
+
+
+def tiny(**overrides):
+    return ModelConfig.preset("tiny", context_length=32, **overrides)
+
+
+def test_layers_are_written_out():
+    model = TransformerLM(tiny())
+    forbidden = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.MultiheadAttention)
+    assert not [m for m in model.modules() if isinstance(m, forbidden)]
+
+
+@pytest.mark.parametrize("extra", [{}, {"n_kv_heads": 2}, {"rope_style": "interleaved"}, {"tie_weights": True}])
+def test_every_backend_gives_the_same_logits(extra):
+    ids = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        logits[backend] = TransformerLM(tiny(attention_backend=backend, **extra))(ids)
+    for backend in BACKENDS[1:]:
+        torch.testing.assert_close(logits[backend], logits["reference"], atol=2e-5, rtol=1e-4)
+    assert logits["sdpa"].shape == (2, 17, 512)
+
+
+def test_registry_lists_and_refuses_names():
+    assert set(BACKENDS) <= set(attention_backends())
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+        TransformerLM(tiny(attention_backend="nope"))
+
+
+def test_model_is_causal():
+    torch.manual_seed(0)
+    model = TransformerLM(tiny())
+    ids = torch.randint(0, 512, (1, 12))
+    changed = ids.clone()
+    changed[0, 8] = (ids[0, 8] + 1) % 512
+    a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (dict(d_model=60, n_heads=8), "not divisible by n_heads"),
+    (dict(d_model=36, n_heads=4), "odd"),
+    (dict(n_kv_heads=3), "divisor of n_heads"),
+    (dict(rope_style="spiral"), "rope_style"),
+    (dict(vocab_size=0), "vocab_size"),
+])
+def test_impossible_configs_are_refused_with_the_reason(bad, reason):
+    with pytest.raises(ValueError, match=reason):
+        tiny(**bad)
+
+
+def test_unknown_preset_and_fields():
+    with pytest.raises(ValueError, match="unknown model preset"):
+        ModelConfig.preset("gpt5")
+    with pytest.raises(ValueError, match="unknown ModelConfig field"):
+        ModelConfig.from_dict({"d_model": 64, "depth": 3})
+    assert ModelConfig.from_dict(tiny().to_dict()) == tiny()
+
+
+def test_too_long_sequence_is_a_clear_error():
+    model = TransformerLM(tiny())
+    with pytest.raises(ValueError, match="longer than the model's context_length=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_presets_have_the_published_shapes():
+    assert set(PRESETS) >= {"tiny", "tinystories-17m", "pythia-70m-shape", "gpt2-small-shape"}
+    ts = ModelConfig.preset("tinystories-17m")
+    assert (ts.d_model, ts.d_ff, ts.n_layers, ts.n_heads, ts.context_length, ts.vocab_size) == (512, 1344, 4, 16, 256, 10000)
+    g = ModelConfig.preset("gpt2-small-shape")
+    assert (g.n_layers, g.d_model, g.n_heads, g.context_length) == (12, 768, 12, 1024)
+    model = TransformerLM(g, device="meta")
+    assert 120e6 < model.num_parameters() < 130e6  # GPT-2 small has 124M
+
+
+def test_weight_tying_shares_one_matrix():
+    model = TransformerLM(tiny(tie_weights=True))
+    assert model.lm_head.weight is model.embedding.weight
+    assert model.num_parameters() == TransformerLM(tiny()).num_parameters() - 512 * 64
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 1])
+def test_kv_cache_matches_full_forward(n_kv_heads):
+    torch.manual_seed(0)
+    model = TransformerLM(tiny(n_kv_heads=n_kv_heads)).eval()
+    ids = torch.randint(0, 512, (2, 10))
+    full = model(ids)
+    cache = KVCache(model.config, batch_size=2)
+    steps = [model(ids[:, :6], cache)] + [model(ids[:, t:t + 1], cache) for t in range(6, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 10
+    if n_kv_heads == 1:
+        assert cache.k.shape[2] == 1  # grouped-query attention stores one shared key/value head
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = TransformerLM(tiny())
+    ids = torch.randint(0, 512, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = ckpt
+        model(ids).float().square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_backend_options_are_passed_through():
+    seen = {}
+    from lmcore.nn.registry import register_attention_backend
+
+    @register_attention_backend("test_spy")
+    def spy(q, k, v, causal=True, **options):
+        seen.update(options, causal=causal)
+        return get_attention_backend("vectorized")(q, k, v, causal=causal)
+
+    TransformerLM(tiny(attention_backend="test_spy", attention_options={"block": 16}))(torch.zeros(1, 4, dtype=torch.long))
+    assert seen == {"block": 16, "causal": True}

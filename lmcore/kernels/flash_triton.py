@@ -1,0 +1,479 @@
+"""FlashAttention-2 as Triton kernels: forward, and a backward in two passes (dK/dV, then dQ).
+
+Each kernel block is tied to an equation of chapter 5 (the same ones ``flash_torch`` spells out):
+
+* forward: one program per (query tile, batch*head); online softmax in base 2 with
+  ``c = scale * log2(e)``; key tiles wholly above the causal diagonal are never visited, the
+  unmasked tiles run in a loop without any mask, and the diagonal/tail tiles run in a second,
+  masked stage. Only ``O`` and ``L`` (log-sum-exp, kept in base 2) are written.
+* backward: ``D = rowsum(dO * O)`` (a small kernel); one program per key tile iterates over the
+  query tiles that see it and accumulates ``dK, dV`` in registers; one program per query tile
+  iterates over key tiles and accumulates ``dQ``. Nothing of size ``T x T`` is stored.
+
+Tile sizes, warps and pipeline stages are autotuned per head dimension, causal flag, dtype and
+sequence-length bucket. Under ``TRITON_INTERPRET=1`` (CPU) a single small configuration is used.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+#: True when Triton runs kernels through its CPU interpreter (must be set before triton is imported).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: Set to ``wide`` to autotune over a large grid of configurations (slow; for tuning sweeps).
+TUNE_ENV = "LMCORE_FLASH_TUNE"
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
+
+
+# ----------------------------------------------------------------------------- configurations
+def _cfg(num_warps, num_stages, **blocks):
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+def _fwd_configs():
+    if INTERPRET:
+        return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=16)]
+    if os.environ.get(TUNE_ENV) == "wide":
+        return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn) for bm in (64, 128) for bn in (32, 64, 128)
+                for w in (4, 8) for s in (2, 3, 4) if bn <= bm]
+    return [_cfg(4, 3, BLOCK_M=128, BLOCK_N=64), _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
+            _cfg(8, 3, BLOCK_M=128, BLOCK_N=128), _cfg(8, 2, BLOCK_M=128, BLOCK_N=128),
+            _cfg(4, 4, BLOCK_M=128, BLOCK_N=64), _cfg(4, 3, BLOCK_M=64, BLOCK_N=64)]
+
+
+def _dkdv_configs():
+    if INTERPRET:
+        return [_cfg(4, 1, BLOCK_M1=16, BLOCK_N1=32)]
+    if os.environ.get(TUNE_ENV) == "wide":
+        return [_cfg(w, s, BLOCK_M1=bm, BLOCK_N1=bn) for bm in (16, 32, 64) for bn in (64, 128)
+                for w in (4, 8) for s in (2, 3, 4) if bm <= bn]
+    return [_cfg(4, 3, BLOCK_M1=32, BLOCK_N1=128), _cfg(8, 3, BLOCK_M1=32, BLOCK_N1=128),
+            _cfg(4, 2, BLOCK_M1=64, BLOCK_N1=128), _cfg(8, 2, BLOCK_M1=64, BLOCK_N1=128),
+            _cfg(4, 3, BLOCK_M1=32, BLOCK_N1=64)]
+
+
+def _dq_configs():
+    if INTERPRET:
+        return [_cfg(4, 1, BLOCK_M2=32, BLOCK_N2=16)]
+    if os.environ.get(TUNE_ENV) == "wide":
+        return [_cfg(w, s, BLOCK_M2=bm, BLOCK_N2=bn) for bm in (64, 128) for bn in (16, 32, 64)
+                for w in (4, 8) for s in (2, 3, 4) if bn <= bm]
+    return [_cfg(4, 3, BLOCK_M2=128, BLOCK_N2=32), _cfg(8, 3, BLOCK_M2=128, BLOCK_N2=32),
+            _cfg(4, 2, BLOCK_M2=128, BLOCK_N2=64), _cfg(8, 2, BLOCK_M2=128, BLOCK_N2=64),
+            _cfg(4, 3, BLOCK_M2=64, BLOCK_N2=32)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configurations that cannot fit: 128-wide tiles of fp32 at head dim 128 spill badly."""
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
+    fp32 = named_args["Q"].dtype == torch.float32
+    kept = []
+    for c in configs:
+        tile = max(v for k, v in c.kwargs.items() if k.startswith("BLOCK"))
+        if fp32 and head_dim >= 128 and tile > 64 and c.num_stages > 2:
+            continue
+        kept.append(c)
+    return kept or configs[:1]
+
+
+_KEY = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET"]
+
+
+# ----------------------------------------------------------------------------- tile helpers
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, offs_d, head_dim, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a (rows, HEAD_DIM) tile; rows >= n_rows and padded head-dim columns read as zero."""
+    if MASK_ROWS:
+        mask = rows[:, None] < n_rows
+        if not EVEN_D:
+            mask = mask & (offs_d[None, :] < head_dim)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_tile(ptrs, x, rows, n_rows, offs_d, head_dim, EVEN_D: tl.constexpr):
+    mask = rows[:, None] < n_rows
+    if not EVEN_D:
+        mask = mask & (offs_d[None, :] < head_dim)
+    tl.store(ptrs, x, mask=mask)
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo, hi, t_k, head_dim,
+               qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over key tiles [lo, hi): the running (m, l, acc) of one query tile."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n  # (BN,)
+        k = _load_tile(K + cols[:, None] * stride_kt + offs_d[None, :], cols, t_k, offs_d, head_dim,
+                       MASKED, EVEN_D)  # (BN, D)
+        # S = c * Q K^T, in log2 units (c = scale * log2 e)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN)
+        if MASKED:  # diagonal or tail tile: hide keys past the end and above the diagonal
+            keep = cols[None, :] < t_k
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, -1.0e6)
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # m' = max(m, rowmax S)
+        p = tl.math.exp2(s - m_new[:, None])  # P = exp2(S - m')
+        alpha = tl.math.exp2(m_i - m_new)  # alpha = exp2(m - m')
+        l_i = l_i * alpha + tl.sum(p, 1)  # l' = alpha l + rowsum P
+        v = _load_tile(V + cols[:, None] * stride_vt + offs_d[None, :], cols, t_k, offs_d, head_dim,
+                       MASKED, EVEN_D)  # (BN, D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # O' = alpha O + P V
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=_fwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _fwd_kernel(Q, K, V, O, L,
+                sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                n_heads, t_q, t_k, head_dim, qk_scale, SEQ_BUCKET,
+                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    if CAUSAL:  # longest rows (most key tiles) first, so the last wave is short
+        start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        start_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // n_heads, bh % n_heads
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    O += b * sob + h * soh
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    offs_d = tl.arange(0, HEAD_DIM)  # (D,)
+    q = _load_tile(Q + offs_m[:, None] * sqt + offs_d[None, :], offs_m, t_q, offs_d, head_dim,
+                   True, EVEN_D)  # (BM, D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # stage 1: tiles with every key visible (below the diagonal, before the tail): no mask at all
+    full_k = (t_k // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        free_hi = tl.minimum(start_m * BLOCK_M, full_k)
+        hi = tl.minimum((start_m + 1) * BLOCK_M, t_k)  # tiles above the diagonal are skipped
+    else:
+        free_hi = full_k
+        hi = t_k
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, skt, svt, offs_m, offs_d, 0, free_hi, t_k,
+                               head_dim, qk_scale, BLOCK_N, False, CAUSAL, EVEN_D, PRECISION)
+    # stage 2: the diagonal tiles (causal) and the ragged tail (any length): masked
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, skt, svt, offs_m, offs_d, free_hi, hi, t_k,
+                               head_dim, qk_scale, BLOCK_N, True, CAUSAL, EVEN_D, PRECISION)
+    # O = acc / l ;  L = m + log2(l)  (base 2; natural L = L * ln 2)
+    tl.store(L + bh * t_q + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < t_q)
+    out = acc / l_i[:, None]
+    _store_tile(O + offs_m[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty), offs_m, t_q,
+                offs_d, head_dim, EVEN_D)
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_delta_kernel(O, DO, Delta, sob, soh, sot, sdb, sdh, sdt, n_heads, t_q, head_dim,
+                      HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """D_i = rowsum(dO_i * O_i), in fp32."""
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // n_heads, bh % n_heads
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o = _load_tile(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], offs_m, t_q,
+                   offs_d, head_dim, True, EVEN_D)
+    do = _load_tile(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], offs_m, t_q,
+                    offs_d, head_dim, True, EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh * t_q + offs_m, delta, mask=offs_m < t_q)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d, lo, hi, t_q, head_dim,
+                qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi), working with P^T."""
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in tl.range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m0  # (BM,)
+        q = _load_tile(Q + rows[:, None] * sqt + offs_d[None, :], rows, t_q, offs_d, head_dim,
+                       MASKED, EVEN_D)  # (BM, D)
+        do = _load_tile(DO + rows[:, None] * sdt + offs_d[None, :], rows, t_q, offs_d, head_dim,
+                        MASKED, EVEN_D)  # (BM, D)
+        if MASKED:
+            lse = tl.load(L + rows, mask=rows < t_q, other=0.0)
+            delta = tl.load(Delta + rows, mask=rows < t_q, other=0.0)
+        else:
+            lse = tl.load(L + rows)
+            delta = tl.load(Delta + rows)
+        # P^T = exp2(c K Q^T - L): the probabilities recomputed from the saved log-sum-exp
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+                           - lse[None, :])  # (BN, BM)
+        if MASKED:
+            keep = rows[None, :] < t_q
+            if CAUSAL:
+                keep = keep & (rows[None, :] >= offs_n[:, None])
+            p_t = tl.where(keep, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # dV += P^T dO
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM): dP^T = V dO^T
+        ds_t = p_t * (dp_t - delta[None, :])  # dS^T = P^T * (dP^T - D)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)  # dK += dS^T Q (scaled later)
+    return dk, dv
+
+
+@triton.autotune(configs=_dkdv_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, Delta,
+                     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+                     sgkb, sgkh, sgkt, sgvb, sgvh, sgvt,
+                     n_heads, t_q, t_k, head_dim, qk_scale, scale, SEQ_BUCKET,
+                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr):
+    start_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // n_heads, bh % n_heads
+    Q += b * sqb + h * sqh
+    DO += b * sdb + h * sdh
+    L += bh * t_q
+    Delta += bh * t_q
+    offs_n = start_n * BLOCK_N1 + tl.arange(0, BLOCK_N1)  # (BN,)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = _load_tile(K + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :], offs_n, t_k,
+                   offs_d, head_dim, True, EVEN_D)  # (BN, D)
+    v = _load_tile(V + b * svb + h * svh + offs_n[:, None] * svt + offs_d[None, :], offs_n, t_k,
+                   offs_d, head_dim, True, EVEN_D)  # (BN, D)
+    dk = tl.zeros([BLOCK_N1, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N1, HEAD_DIM], tl.float32)
+    full_q = (t_q // BLOCK_M1) * BLOCK_M1
+    if CAUSAL:
+        # query rows before this key tile never see it (skipped); rows on its diagonal are masked
+        mid = start_n * BLOCK_N1 + BLOCK_N1
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d,
+                             start_n * BLOCK_N1, tl.minimum(mid, t_q), t_q, head_dim, qk_scale,
+                             BLOCK_M1, True, CAUSAL, EVEN_D, PRECISION)
+    else:
+        mid = 0
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d, mid, full_q, t_q,
+                         head_dim, qk_scale, BLOCK_M1, False, CAUSAL, EVEN_D, PRECISION)
+    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d,
+                         tl.maximum(full_q, mid), t_q, t_q, head_dim, qk_scale, BLOCK_M1, True,
+                         CAUSAL, EVEN_D, PRECISION)
+    _store_tile(DK + b * sgkb + h * sgkh + offs_n[:, None] * sgkt + offs_d[None, :],
+                (dk * scale).to(DK.dtype.element_ty), offs_n, t_k, offs_d, head_dim, EVEN_D)
+    _store_tile(DV + b * sgvb + h * sgvh + offs_n[:, None] * sgvt + offs_d[None, :],
+                dv.to(DV.dtype.element_ty), offs_n, t_k, offs_d, head_dim, EVEN_D)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, lo, hi, t_k, head_dim, qk_scale,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ of one query tile over key tiles [lo, hi)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(K + cols[:, None] * skt + offs_d[None, :], cols, t_k, offs_d, head_dim,
+                       MASKED, EVEN_D)  # (BN, D)
+        v = _load_tile(V + cols[:, None] * svt + offs_d[None, :], cols, t_k, offs_d, head_dim,
+                       MASKED, EVEN_D)  # (BN, D)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                         - lse[:, None])  # (BM, BN)
+        if MASKED:
+            keep = cols[None, :] < t_k
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dP = dO V^T
+        ds = p * (dp - delta[:, None])  # dS = P * (dP - D)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)  # dQ += dS K (scaled later)
+    return dq
+
+
+@triton.autotune(configs=_dq_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, L, Delta,
+                   sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgqb, sgqh, sgqt,
+                   n_heads, t_q, t_k, head_dim, qk_scale, scale, SEQ_BUCKET,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
+    if CAUSAL:
+        start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        start_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // n_heads, bh % n_heads
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    offs_m = start_m * BLOCK_M2 + tl.arange(0, BLOCK_M2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = _load_tile(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], offs_m, t_q,
+                   offs_d, head_dim, True, EVEN_D)  # (BM, D)
+    do = _load_tile(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], offs_m, t_q,
+                    offs_d, head_dim, True, EVEN_D)  # (BM, D)
+    lse = tl.load(L + bh * t_q + offs_m, mask=offs_m < t_q, other=0.0)
+    delta = tl.load(Delta + bh * t_q + offs_m, mask=offs_m < t_q, other=0.0)
+    dq = tl.zeros([BLOCK_M2, HEAD_DIM], tl.float32)
+    full_k = (t_k // BLOCK_N2) * BLOCK_N2
+    if CAUSAL:
+        free_hi = tl.minimum(start_m * BLOCK_M2, full_k)
+        hi = tl.minimum((start_m + 1) * BLOCK_M2, t_k)
+    else:
+        free_hi = full_k
+        hi = t_k
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, 0, free_hi, t_k, head_dim,
+                   qk_scale, BLOCK_N2, False, CAUSAL, EVEN_D, PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, free_hi, hi, t_k, head_dim,
+                   qk_scale, BLOCK_N2, True, CAUSAL, EVEN_D, PRECISION)
+    _store_tile(DQ + b * sgqb + h * sgqh + offs_m[:, None] * sgqt + offs_d[None, :],
+                (dq * scale).to(DQ.dtype.element_ty), offs_m, t_q, offs_d, head_dim, EVEN_D)
+
+
+# ----------------------------------------------------------------------------- Python side
+def _seq_bucket(n: int) -> int:
+    """Autotuning key for a sequence length: the next power of two (so nearby lengths share a tuning)."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _check_inputs(q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected 4 dimensions "
+                             "(batch, heads, seq, head_dim)")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; supported dtypes are float16, bfloat16 and float32")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    bq, hq, _, dq = q.shape
+    if k.shape[:2] != (bq, hq) or v.shape[:2] != (bq, hq):
+        raise ValueError(f"batch and heads must match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same sequence length; got {k.shape[2]} and {v.shape[2]}")
+    if k.shape[3] != dq or v.shape[3] != dq:
+        raise ValueError(f"q, k, v must share one head_dim; got {dq}, {k.shape[3]}, {v.shape[3]}")
+    if not MIN_HEAD_DIM <= dq <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={dq} is not supported; expected {MIN_HEAD_DIM} <= head_dim <= "
+                         f"{MAX_HEAD_DIM} (64 and 128 are tuned)")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"sequence lengths must be positive; got q {q.shape[2]}, k {k.shape[2]}")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"flash_attention runs on CUDA tensors (got {q.device}); on CPU set "
+                           "TRITON_INTERPRET=1 before triton is imported to use Triton's interpreter")
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _meta(q, t_k):
+    d = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(d))
+    return dict(SEQ_BUCKET=_seq_bucket(max(q.shape[2], t_k)), HEAD_DIM=block_d, EVEN_D=block_d == d,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def flash_forward_triton(q, k, v, causal: bool, scale: float):
+    """Launch the forward kernel; returns ``out`` and ``L2`` (log-sum-exp in base 2, fp32)."""
+    bsz, heads, t_q, d = q.shape
+    t_k = k.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # (B, H, Tq, D)
+    lse2 = torch.empty((bsz, heads, t_q), device=q.device, dtype=torch.float32)  # (B, H, Tq)
+    grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), bsz * heads)  # noqa: E731
+    _fwd_kernel[grid](q, k, v, out, lse2, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                      *out.stride()[:3], heads, t_q, t_k, d, scale * LOG2E, CAUSAL=bool(causal),
+                      **_meta(q, t_k))
+    return out, lse2
+
+
+def flash_backward_triton(q, k, v, out, lse2, dout, causal: bool, scale: float):
+    """Launch the three backward kernels; returns ``dq, dk, dv``."""
+    bsz, heads, t_q, d = q.shape
+    t_k = k.shape[2]
+    dout = _last_dim_contiguous(dout)
+    meta = _meta(q, t_k)
+    delta = torch.empty_like(lse2)  # (B, H, Tq)
+    _bwd_delta_kernel[(triton.cdiv(t_q, 64), bsz * heads)](
+        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, t_q, d,
+        HEAD_DIM=meta["HEAD_DIM"], EVEN_D=meta["EVEN_D"], BLOCK_M=64)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+    grid_kv = lambda m: (triton.cdiv(t_k, m["BLOCK_N1"]), bsz * heads)  # noqa: E731
+    _bwd_dkdv_kernel[grid_kv](q, k, v, dout, dk, dv, lse2, delta, *strides, *dk.stride()[:3],
+                              *dv.stride()[:3], heads, t_q, t_k, d, scale * LOG2E, scale,
+                              CAUSAL=bool(causal), **meta)
+    grid_q = lambda m: (triton.cdiv(t_q, m["BLOCK_M2"]), bsz * heads)  # noqa: E731
+    _bwd_dq_kernel[grid_q](q, k, v, dout, dq, lse2, delta, *strides, *dq.stride()[:3], heads, t_q,
+                           t_k, d, scale * LOG2E, scale, CAUSAL=bool(causal), **meta)
+    return dq, dk, dv
+
+
+class FlashAttentionTriton(torch.autograd.Function):
+    """FlashAttention-2 in Triton: ``out, L = FlashAttentionTriton.apply(q, k, v, causal, scale)``.
+
+    ``q`` of shape ``(B, H, Tq, D)``, ``k, v`` of shape ``(B, H, Tk, D)``; ``L`` is the row
+    log-sum-exp (natural log, fp32, ``(B, H, Tq)``) and carries no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool = False, scale: float | None = None):
+        _check_inputs(q, k, v)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+        if INTERPRET and q.dtype == torch.bfloat16:
+            # the CPU interpreter multiplies bfloat16 tiles wrongly (NumPy has no bfloat16):
+            # run the kernels on float32 copies there; on a GPU bfloat16 goes straight in
+            out, lse2 = flash_forward_triton(q.float(), k.float(), v.float(), causal, scale)
+            out = out.to(q.dtype)
+        else:
+            out, lse2 = flash_forward_triton(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse2)
+        ctx.causal, ctx.scale = bool(causal), scale
+        lse = lse2 * LN2
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse2 = ctx.saved_tensors
+        if INTERPRET and q.dtype == torch.bfloat16:  # see forward
+            grads = flash_backward_triton(q.float(), k.float(), v.float(), out.float(), lse2,
+                                          dout.float(), ctx.causal, ctx.scale)
+            dq, dk, dv = (g.to(q.dtype) for g in grads)
+        else:
+            dq, dk, dv = flash_backward_triton(q, k, v, out, lse2, dout, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, return_lse: bool = False):
+    """FlashAttention-2 (Triton): ``softmax(q k^T * scale [+ causal mask]) v`` without the T x T matrix.
+
+    ``q``: ``(batch, heads, Tq, head_dim)``; ``k, v``: ``(batch, heads, Tk, head_dim)``; float16,
+    bfloat16 or float32; ``16 <= head_dim <= 128``. ``scale`` defaults to ``1/sqrt(head_dim)``.
+    ``causal`` masks keys after the query position (diagonal from the top-left corner, as in
+    ``scaled_dot_product_attention``). Differentiable in ``q, k, v``. With ``return_lse`` also
+    returns the row log-sum-exp ``L`` (natural log, fp32, shape ``(batch, heads, Tq)``).
+    """
+    out, lse = FlashAttentionTriton.apply(q, k, v, causal, scale)
+    return (out, lse) if return_lse else out

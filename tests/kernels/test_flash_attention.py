@@ -1,0 +1,142 @@
+"""FlashAttention-2 (Triton and tiled PyTorch) against the written-out attention.
+
+On CPU the Triton kernels run through the interpreter at tiny sizes (a single small tile
+configuration, so the tails, the diagonal tiles and the skipped tiles are all exercised); the
+``gpu`` tests repeat the checks at real sizes on CUDA.
+"""
+
+import math
+
+import pytest
+import torch
+
+from lmcore.kernels import (FlashAttentionTriton, attention_flops, attention_reference,
+                            flash_attention, flash_attention_torch)
+from lmcore.nn.registry import get_attention_backend
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _check(fn, b, h, t_q, t_k, d, causal, dtype, device, tol, scale=None, layout="bhtd"):
+    """Compare out, L, dq, dk, dv of ``fn`` with the float64 reference; fresh random inputs."""
+    gen = torch.Generator().manual_seed(1000 * t_q + 10 * d + causal)
+
+    def make(t):
+        if layout == "bthd":  # (B, T, H, D) memory viewed as (B, H, T, D): non-contiguous
+            return torch.randn(b, t, h, d, generator=gen, dtype=torch.float64).transpose(1, 2)
+        return torch.randn(b, h, t, d, generator=gen, dtype=torch.float64)
+
+    q, k, v, do = make(t_q), make(t_k), make(t_k), make(t_q)
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    out_r, lse_r = attention_reference(qr, kr, vr, causal, scale, return_lse=True)
+    out_r.backward(do)
+    qx, kx, vx = (x.to(device=device, dtype=dtype).requires_grad_() for x in (q, k, v))
+    if layout == "bthd":
+        assert not qx.is_contiguous()
+    out, lse = fn(qx, kx, vx, causal=causal, scale=scale, return_lse=True)
+    out.backward(do.to(device=device, dtype=dtype))
+    assert out.shape == (b, h, t_q, d) and out.dtype == dtype
+    assert lse.shape == (b, h, t_q) and lse.dtype == torch.float32
+    for name, got, want in (("out", out, out_r), ("L", lse, lse_r), ("dq", qx.grad, qr.grad),
+                            ("dk", kx.grad, kr.grad), ("dv", vx.grad, vr.grad)):
+        assert torch.isfinite(got).all(), f"{name} has non-finite values"
+        err = _rel(got.cpu(), want)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+IMPLS = {"triton": flash_attention, "torch": lambda *a, **kw: flash_attention_torch(*a, block_m=32, block_n=16, **kw)}
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [16, 32])
+@pytest.mark.parametrize("t", [48, 80])
+def test_matches_reference_cpu_sizes(impl, t, d, causal):
+    device = "cuda" if CUDA else "cpu"
+    _check(IMPLS[impl], 2, 2, t, t, d, causal, torch.float32, device, tol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("t_q,t_k", [(48, 80), (80, 48)])
+def test_separate_query_and_key_lengths(t_q, t_k, causal):
+    device = "cuda" if CUDA else "cpu"
+    _check(flash_attention, 2, 2, t_q, t_k, 32, causal, torch.float32, device, tol=1e-4)
+
+
+def test_odd_head_dim_custom_scale_and_noncontiguous_inputs():
+    device = "cuda" if CUDA else "cpu"
+    _check(flash_attention, 2, 2, 37, 53, 24, True, torch.float32, device, tol=1e-4, scale=0.3,
+           layout="bthd")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype):
+    device = "cuda" if CUDA else "cpu"
+    _check(flash_attention, 2, 2, 48, 48, 16, True, dtype, device, tol=3e-2)
+
+
+def test_registered_backends_agree():
+    device = "cuda" if CUDA else "cpu"
+    q, k, v = (torch.randn(2, 2, 48, 16, device=device) for _ in range(3))
+    want = attention_reference(q, k, v, causal=True)
+    for name in ("flash_triton", "flash_torch"):
+        got = get_attention_backend(name)(q, k, v, causal=True)
+        assert _rel(got.cpu(), want.cpu()) < 1e-4, name
+
+
+def test_forward_without_grad_writes_every_element():
+    device = "cuda" if CUDA else "cpu"
+    q, k, v = (torch.randn(1, 3, 80, 32, device=device) for _ in range(3))
+    with torch.no_grad():
+        out, lse = FlashAttentionTriton.apply(q, k, v, False, None)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert _rel(out.cpu(), attention_reference(q, k, v).cpu()) < 1e-4
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda q, k, v: (q[0], k, v), "4 dimensions"),
+    (lambda q, k, v: (q, k.double(), v), "share one dtype"),
+    (lambda q, k, v: (q.int(), k.int(), v.int()), "supported dtypes"),
+    (lambda q, k, v: (q, k[:, :1], v), "batch and heads"),
+    (lambda q, k, v: (q, k, v[:, :, :5]), "same sequence length"),
+    (lambda q, k, v: (q, k[..., :8], v), "head_dim"),
+    (lambda q, k, v: (q[..., :8], k[..., :8], v[..., :8]), "head_dim=8 is not supported"),
+    (lambda q, k, v: (q.repeat(1, 1, 1, 9), k.repeat(1, 1, 1, 9), v.repeat(1, 1, 1, 9)),
+     "head_dim=144 is not supported"),
+])
+def test_bad_input_raises_clear_error(bad, match):
+    q, k, v = (torch.randn(2, 2, 8, 16) for _ in range(3))
+    with pytest.raises((ValueError, TypeError), match=match):
+        flash_attention(*bad(q, k, v))
+
+
+def test_flop_count():
+    assert attention_flops(1, 1, 4, 4, 8, causal=False) == 4 * 16 * 8
+    assert attention_flops(1, 1, 4, 4, 8, causal=True) == 4 * 10 * 8
+    assert attention_flops(1, 1, 4, 4, 8, causal=False, backward=True) == 3.5 * 4 * 16 * 8
+
+
+# ----------------------------------------------------------------------------- real sizes, GPU
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("t", [1024, 1000])
+def test_matches_reference_gpu_sizes(t, d, causal, dtype):
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    _check(flash_attention, 2, 4, t, t, d, causal, dtype, "cuda", tol=tol)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_separate_lengths_odd_head_dim_noncontiguous(causal):
+    _check(flash_attention, 2, 3, 700, 1300, 80, causal, torch.bfloat16, "cuda", tol=2e-2,
+           layout="bthd")
+    _check(flash_attention, 2, 3, 1300, 700, 16, causal, torch.bfloat16, "cuda", tol=2e-2)

@@ -1,0 +1,50 @@
+"""Loss, learning-rate schedule and gradient clipping, each from its formula."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean of ``-log softmax(logits)[target]`` over all positions.
+
+    Computed as ``logsumexp(logits) - logits[target]`` in float32: the log-sum-exp subtracts
+    the row maximum before exponentiating, so huge logits neither overflow nor lose the answer.
+    ``logits`` (..., V), ``targets`` (...) of integer ids.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: "
+                         "expected logits of shape targets.shape + (vocab_size,)")
+    logits = logits.float()  # (..., V)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (...)
+    return (torch.logsumexp(logits, dim=-1) - picked).mean()
+
+
+def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up from 0 to ``max_lr`` over ``warmup_steps``, cosine decay to ``min_lr`` at
+    ``total_steps``, then constant ``min_lr``."""
+    if step < warmup_steps:
+        return max_lr * step / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float, eps: float = 1e-6) -> float:
+    """Scale all gradients together so their global L2 norm is at most ``max_norm``.
+
+    Returns the norm before clipping.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    scale = torch.clamp(max_norm / (norm + eps), max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    return norm.item()

@@ -1,0 +1,207 @@
+"""The training loop: accumulation, mixed precision, compilation, evaluation, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lmcore.nn import ModelConfig, TransformerLM
+from lmcore.train.batches import get_batch
+from lmcore.train.checkpoint import config_differences, load_checkpoint, save_checkpoint, set_rng_state
+from lmcore.train.functional import clip_grad_norm, cosine_lr, cross_entropy
+from lmcore.train.metrics import MetricsLog, plot_metrics
+from lmcore.train.optim import AdamW
+from lmcore.utils import get_device, seed_everything
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+#: Fields that only change how a run is observed or where it runs; all others must match to resume.
+RESUME_MAY_CHANGE = frozenset({"eval_interval", "eval_iters", "log_interval", "checkpoint_interval",
+                               "out_dir", "device", "compile", "progress"})
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run except the model's shape."""
+
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_iters: int = 200  # optimizer steps in the whole run
+    lr: float = 3e-3  # peak learning rate
+    min_lr: float = 3e-4  # learning rate at the end of the cosine decay
+    warmup_iters: int = 20  # linear warm-up steps
+    weight_decay: float = 0.1  # decoupled weight decay on matrices (not on norms)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global gradient-norm limit (0 = off)
+    eval_interval: int = 50  # evaluate every N steps (and at the end)
+    eval_iters: int = 10  # batches per evaluation
+    log_interval: int = 10  # log training loss every N steps
+    checkpoint_interval: int = 0  # save every N steps (0 = only at the end); needs out_dir
+    out_dir: str | None = None  # where metrics.jsonl, ckpt.pt and curves.png go
+    device: str = "auto"
+    dtype: str = "auto"  # "auto" = bfloat16 autocast on CUDA, float32 elsewhere
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute block activations in backward
+    seed: int = 0
+    progress: bool = True  # progress bar
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "max_iters", "eval_iters", "log_interval", "eval_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name}={value!r} must be a positive integer")
+        if self.warmup_iters < 0 or self.checkpoint_interval < 0:
+            raise ValueError(f"warmup_iters={self.warmup_iters} and checkpoint_interval="
+                             f"{self.checkpoint_interval} must be >= 0")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TrainConfig.dtype={self.dtype!r} is not one of {DTYPES}")
+        if not self.lr > 0 or self.min_lr < 0:
+            raise ValueError(f"lr={self.lr} must be > 0 and min_lr={self.min_lr} >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    model: TransformerLM
+    optimizer: AdamW
+    iteration: int
+    history: list[dict] = field(default_factory=list)
+    checkpoint: str | None = None
+
+    @property
+    def final_val_loss(self) -> float | None:
+        vals = [r["val_loss"] for r in self.history if "val_loss" in r]
+        return vals[-1] if vals else None
+
+
+def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> AdamW:
+    """AdamW with weight decay on matrices only (norm gains are not decayed)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    other = [p for p in model.parameters() if p.ndim < 2]
+    return AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
+                 lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def autocast_for(device: torch.device, dtype: str):
+    """The mixed-precision context for ``dtype`` on ``device`` (a no-op for float32)."""
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, tokens, batch_size: int, iters: int, device, dtype: str = "auto", seed: int = 0) -> float:
+    """Mean cross-entropy on ``iters`` batches drawn with a fixed seed (the same batches every time)."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    ctx = model.config.context_length if hasattr(model, "config") else model._orig_mod.config.context_length
+    losses = []
+    for _ in range(iters):
+        x, y = get_batch(tokens, batch_size, ctx, device, gen)
+        with autocast_for(torch.device(device), dtype):
+            losses.append(cross_entropy(model(x), y).item())
+    model.train(was_training)
+    return float(np.mean(losses))
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=None,
+          resume: str | os.PathLike | None = None, stop_at: int | None = None) -> TrainResult:
+    """Train a ``TransformerLM`` on a 1-D array of token ids; returns the model and its history.
+
+    ``resume`` continues from a checkpoint (which must come from the same configuration);
+    ``stop_at`` ends the run early at that iteration (the schedule still spans ``max_iters``).
+    """
+    device = get_device(cfg.device)
+    seed_everything(cfg.seed)
+    model = TransformerLM(model_config).to(device)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    optimizer = configure_optimizer(model, cfg)
+    batches = torch.Generator().manual_seed(cfg.seed + 1)
+    config = {"model": model_config.to_dict(), "train": cfg.to_dict()}
+    start = 0
+    if resume is not None:
+        payload = load_checkpoint(resume)
+        keep = lambda c: {**c, "train": {k: v for k, v in c["train"].items() if k not in RESUME_MAY_CHANGE}}  # noqa: E731
+        diffs = config_differences(keep(payload["config"]), keep(config))
+        if diffs:
+            raise ValueError(f"checkpoint {os.fspath(resume)} was written by another configuration; "
+                             f"fields that differ: {'; '.join(diffs)}")
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        set_rng_state(payload["rng"], batches)
+        start = payload["iteration"]
+    forward = torch.compile(model) if cfg.compile else model
+    end = cfg.max_iters if stop_at is None else min(stop_at, cfg.max_iters)
+    out = cfg.out_dir
+    log = MetricsLog(os.path.join(out, "metrics.jsonl") if out else None, append=resume is not None)
+    ckpt_path = os.path.join(out, "ckpt.pt") if out else None
+    tokens_per_iter = cfg.batch_size * model_config.context_length * cfg.grad_accum
+
+    def save(iteration):
+        save_checkpoint(ckpt_path, model=model, optimizer=optimizer, iteration=iteration, config=config,
+                        batch_generator=batches)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, end), disable=not cfg.progress, desc="training", leave=False)
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_last, it_last = time.perf_counter(), start
+    for it in bar:
+        lr = cosine_lr(it + 1, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(cfg.grad_accum):
+            x, y = get_batch(train_tokens, cfg.batch_size, model_config.context_length, device, batches)
+            with autocast_for(device, cfg.dtype):
+                loss = cross_entropy(forward(x), y) / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else float("nan")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iteration = it + 1
+        if iteration % cfg.log_interval == 0 or iteration == end:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            record = log.log(iter=iteration, loss=loss_sum.item(), lr=lr, grad_norm=grad_norm,
+                             tokens_per_s=(iteration - it_last) * tokens_per_iter / max(now - t_last, 1e-9),
+                             memory_mb=_memory_mb(device))
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            t_last, it_last = time.perf_counter(), iteration
+        if val_tokens is not None and (iteration % cfg.eval_interval == 0 or iteration == end):
+            val = evaluate(model, val_tokens, cfg.batch_size, cfg.eval_iters, device, cfg.dtype, cfg.seed + 2)
+            log.log(iter=iteration, val_loss=val, val_perplexity=math.exp(min(val, 50)))
+            t_last = time.perf_counter()  # evaluation time is not training throughput
+        if ckpt_path and cfg.checkpoint_interval and iteration % cfg.checkpoint_interval == 0:
+            save(iteration)
+    bar.close()
+    final = max(end, start)
+    if ckpt_path:
+        save(final)
+        plot_metrics(log.records, os.path.join(out, "curves.png"))
+    return TrainResult(model=model, optimizer=optimizer, iteration=final, history=log.records, checkpoint=ckpt_path)

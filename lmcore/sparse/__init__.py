@@ -1,0 +1,46 @@
+"""Sparse attention (chapter 4): block layouts, a block-sparse Triton kernel, and NSA.
+
+- :mod:`lmcore.sparse.patterns`: patterns as block layouts (``local``, ``strided``, ``global``,
+  ``mixed``, ``bigbird``, ``dilated``, ``dense``), their density, and pictures of them;
+- :mod:`lmcore.sparse.kernel`: :func:`block_sparse_attention`, a FlashAttention-2-style kernel
+  that visits only the allowed key blocks, forward and backward;
+- :mod:`lmcore.sparse.nsa`: Native Sparse Attention (compressed, selected and sliding branches).
+
+Importing this package registers two attention backends for ``TransformerLM``:
+``block_sparse`` (options: ``pattern``, ``block_size`` and the pattern's parameters) and ``nsa``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from lmcore.nn.registry import register_attention_backend
+from lmcore.sparse.kernel import (BlockIndex, block_index, block_sparse_attention,
+                                  block_sparse_attention_torch, masked_attention)
+from lmcore.sparse.nsa import NSA, NSAConfig, nsa_attention
+from lmcore.sparse.patterns import PATTERNS, BlockLayout, make_layout, render
+
+__all__ = [
+    "BlockLayout", "BlockIndex", "PATTERNS", "make_layout", "render", "block_index",
+    "block_sparse_attention", "block_sparse_attention_torch", "masked_attention",
+    "NSA", "NSAConfig", "nsa_attention",
+]
+
+
+@lru_cache(maxsize=64)
+def _cached_layout(pattern: str, seq_len: int, block_size: int, causal: bool, params: tuple) -> BlockLayout:
+    """One layout (and so one compact index per device) per configuration, reused across calls."""
+    return make_layout(pattern, seq_len, block_size, causal=causal, **dict(params))
+
+
+@register_attention_backend("block_sparse")
+def block_sparse_backend(q, k, v, causal: bool = True, pattern: str = "local", block_size: int = 64, **params):
+    """Attention backend: ``pattern`` with ``params`` (e.g. ``window=128``) at ``block_size``."""
+    layout = _cached_layout(pattern, q.shape[-2], block_size, bool(causal), tuple(sorted(params.items())))
+    return block_sparse_attention(q, k, v, layout, causal=causal)
+
+
+@register_attention_backend("nsa")
+def nsa_backend(q, k, v, causal: bool = True, **options):
+    """Attention backend: parameter-free NSA (mean-pooled compression, equal gates); see ``nsa_attention``."""
+    return nsa_attention(q, k, v, causal=causal, **options)

@@ -1,0 +1,82 @@
+"""Command line: ``python -m lmcore.tokenizer train|encode|decode``.
+
+    python -m lmcore.tokenizer train --input corpus.txt --vocab-size 10000 \\
+        --special-token '<|endoftext|>' --out tok.json
+    python -m lmcore.tokenizer encode --tokenizer tok.json --input text.txt      # ids, one line
+    python -m lmcore.tokenizer decode --tokenizer tok.json --input ids.txt       # text
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lmcore.tokenizer", description="byte-level BPE")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a tokenizer on a UTF-8 text file")
+    train.add_argument("--input", required=True, help="UTF-8 text file")
+    train.add_argument("--vocab-size", type=int, required=True, help="bytes + special tokens + merges")
+    train.add_argument("--special-token", action="append", default=[], help="repeat for several")
+    train.add_argument("--pattern", default="gpt2", help="'gpt2', 'cl100k' or a regular expression")
+    train.add_argument("--num-processes", type=int, default=None, help="pre-tokenization workers")
+    train.add_argument("--out", required=True, help="tokenizer file to write (JSON)")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    for name, what in (("encode", "text file (default: stdin) -> ids"), ("decode", "ids file (default: stdin) -> text")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--tokenizer", required=True, help="file written by train (or Tokenizer.save)")
+        p.add_argument("--input", default="-", help="input file, '-' for stdin")
+        p.add_argument("--out", default="-", help="output file, '-' for stdout")
+    return parser
+
+
+def _read(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _write(path: str, text: str) -> None:
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    from lmcore.utils import atomic_write
+
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from lmcore.tokenizer import Tokenizer, train_bpe
+
+    try:
+        if args.command == "train":
+            start = time.perf_counter()
+            tok = train_bpe(args.input, args.vocab_size, args.special_token, args.pattern,
+                            args.num_processes, progress=not args.no_progress)
+            tok.save(args.out)
+            print(f"trained {len(tok.merges)} merges in {time.perf_counter() - start:.2f} s -> {args.out}",
+                  file=sys.stderr)
+        elif args.command == "encode":
+            tok = Tokenizer.load(args.tokenizer)
+            _write(args.out, " ".join(map(str, tok.encode(_read(args.input)))) + "\n")
+        else:
+            tok = Tokenizer.load(args.tokenizer)
+            text = _read(args.input).split()
+            try:
+                ids = [int(t) for t in text]
+            except ValueError as err:
+                raise ValueError(f"{args.input}: expected whitespace-separated integer ids ({err})") from None
+            _write(args.out, tok.decode(ids))
+    except (ValueError, OSError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,7 +28,8 @@ LN2 = 0.6931471805599453
 
 #: True when Triton runs kernels through its CPU interpreter (must be set before triton is imported).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-#: Set to ``wide`` to autotune over a large grid of configurations (slow; for tuning sweeps).
+#: ``wide``: autotune over a large grid of configurations (slow; for tuning sweeps);
+#: ``first``: no autotuning, the first curated configuration (fast compiles, e.g. for tests).
 TUNE_ENV = "LMCORE_FLASH_TUNE"
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -40,12 +41,21 @@ def _cfg(num_warps, num_stages, **blocks):
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
 
+def _tuned(configs):
+    return configs[:1] if os.environ.get(TUNE_ENV) == "first" else configs
+
+
+def _bench(kernel_call, quantiles):
+    """Time one candidate configuration while autotuning (shorter than Triton's default)."""
+    return triton.testing.do_bench(kernel_call, warmup=10, rep=40, quantiles=quantiles)
+
+
 def _fwd_configs():
     if INTERPRET:
         return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=16)]
     if os.environ.get(TUNE_ENV) == "wide":
-        return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn) for bm in (64, 128) for bn in (32, 64, 128)
-                for w in (4, 8) for s in (2, 3, 4) if bn <= bm]
+        return ([_cfg(w, s, BLOCK_M=128, BLOCK_N=bn) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
+                + [_cfg(4, s, BLOCK_M=64, BLOCK_N=64) for s in (3, 4)])
     return [_cfg(4, 3, BLOCK_M=128, BLOCK_N=64), _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
             _cfg(8, 3, BLOCK_M=128, BLOCK_N=128), _cfg(8, 2, BLOCK_M=128, BLOCK_N=128),
             _cfg(4, 4, BLOCK_M=128, BLOCK_N=64), _cfg(4, 3, BLOCK_M=64, BLOCK_N=64)]
@@ -55,8 +65,8 @@ def _dkdv_configs():
     if INTERPRET:
         return [_cfg(4, 1, BLOCK_M1=16, BLOCK_N1=32)]
     if os.environ.get(TUNE_ENV) == "wide":
-        return [_cfg(w, s, BLOCK_M1=bm, BLOCK_N1=bn) for bm in (16, 32, 64) for bn in (64, 128)
-                for w in (4, 8) for s in (2, 3, 4) if bm <= bn]
+        return [_cfg(w, s, BLOCK_M1=bm, BLOCK_N1=bn) for bm in (32, 64) for bn in (64, 128)
+                for w in (4, 8) for s in (2, 3)]
     return [_cfg(4, 3, BLOCK_M1=32, BLOCK_N1=128), _cfg(8, 3, BLOCK_M1=32, BLOCK_N1=128),
             _cfg(4, 2, BLOCK_M1=64, BLOCK_N1=128), _cfg(8, 2, BLOCK_M1=64, BLOCK_N1=128),
             _cfg(4, 3, BLOCK_M1=32, BLOCK_N1=64)]
@@ -66,8 +76,8 @@ def _dq_configs():
     if INTERPRET:
         return [_cfg(4, 1, BLOCK_M2=32, BLOCK_N2=16)]
     if os.environ.get(TUNE_ENV) == "wide":
-        return [_cfg(w, s, BLOCK_M2=bm, BLOCK_N2=bn) for bm in (64, 128) for bn in (16, 32, 64)
-                for w in (4, 8) for s in (2, 3, 4) if bn <= bm]
+        return [_cfg(w, s, BLOCK_M2=bm, BLOCK_N2=bn) for bm in (64, 128) for bn in (32, 64)
+                for w in (4, 8) for s in (2, 3)]
     return [_cfg(4, 3, BLOCK_M2=128, BLOCK_N2=32), _cfg(8, 3, BLOCK_M2=128, BLOCK_N2=32),
             _cfg(4, 2, BLOCK_M2=128, BLOCK_N2=64), _cfg(8, 2, BLOCK_M2=128, BLOCK_N2=64),
             _cfg(4, 3, BLOCK_M2=64, BLOCK_N2=32)]
@@ -143,7 +153,8 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo,
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_fwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_tuned(_fwd_configs()), key=_KEY, do_bench=_bench,
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _fwd_kernel(Q, K, V, O, L,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
@@ -237,7 +248,8 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d, lo, hi,
     return dk, dv
 
 
-@triton.autotune(configs=_dkdv_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_tuned(_dkdv_configs()), key=_KEY, do_bench=_bench,
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, Delta,
                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
@@ -305,7 +317,8 @@ def _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, lo, hi, t_k
     return dq
 
 
-@triton.autotune(configs=_dq_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_tuned(_dq_configs()), key=_KEY, do_bench=_bench,
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, L, Delta,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgqb, sgqh, sgqt,
@@ -345,6 +358,32 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, Delta,
 
 
 # ----------------------------------------------------------------------------- Python side
+def autotune_choices() -> list[dict]:
+    """The configuration the autotuner picked for every key seen so far in this process."""
+    rows = []
+    for name, kernel in (("forward", _fwd_kernel), ("backward dK/dV", _bwd_dkdv_kernel),
+                         ("backward dQ", _bwd_dq_kernel)):
+        for key, cfg in getattr(kernel, "cache", {}).items():
+            named = dict(zip(_KEY, key))
+            rows.append({"kernel": name, "head_dim": named.get("HEAD_DIM"), "causal": named.get("CAUSAL"),
+                         "seq_bucket": named.get("SEQ_BUCKET"),
+                         "dtype": next((str(k) for k in key if "float" in str(k) or "bf16" in str(k)), ""),
+                         **{k: v for k, v in cfg.kwargs.items()},
+                         "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    return rows
+
+
+def last_tuning_timings() -> dict:
+    """Per kernel, the timings (ms) of every configuration in its most recent autotuning run."""
+    out = {}
+    for name, kernel in (("forward", _fwd_kernel), ("backward dK/dV", _bwd_dkdv_kernel),
+                         ("backward dQ", _bwd_dq_kernel)):
+        timings = getattr(kernel, "configs_timings", None) or {}
+        out[name] = sorted(((str(c), t[0] if isinstance(t, (list, tuple)) else t) for c, t in timings.items()),
+                           key=lambda x: x[1])
+    return out
+
+
 def _seq_bucket(n: int) -> int:
     """Autotuning key for a sequence length: the next power of two (so nearby lengths share a tuning)."""
     return 1 << max(0, (int(n) - 1).bit_length())

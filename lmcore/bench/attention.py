@@ -1,0 +1,236 @@
+"""``python -m lmcore.bench attention [--quick] [--json OUT] [--out-dir DIR] [...]``.
+
+On a GPU: time and TFLOP/s of every attention implementation, forward and forward+backward,
+bf16, head dim 64 and 128, causal and not, sequence 512..16384 (at a fixed 16k tokens per batch
+and model width 2048): our Triton kernel, the tiled PyTorch version, the written-out reference
+(until it runs out of memory, recorded as ``oom``), and ``scaled_dot_product_attention`` with the
+flash (FlashAttention-2), cuDNN and memory-efficient backends forced in turn. Also the peak
+memory of each run above its inputs. Writes ``<out-dir>/attention-<gpu>.csv`` and a JSON with
+provenance beside it.
+
+On CPU: ``--quick`` checks correctness only (Triton through its interpreter at tiny sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+from pathlib import Path
+
+IMPLS = ("triton", "torch_tiled", "reference", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
+FIELDS = ("impl", "mode", "causal", "head_dim", "seq", "batch", "heads", "dtype", "status", "ms",
+          "tflops", "peak_mem_mb")
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(prog="python -m lmcore.bench attention", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a short sweep (CPU: correctness only)")
+    ap.add_argument("--out-dir", default="book/results", help="where the CSV and JSON go")
+    ap.add_argument("--seqs", type=int, nargs="+", default=None, help="sequence lengths")
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    ap.add_argument("--tokens", type=int, default=16384, help="batch * seq for every row")
+    ap.add_argument("--width", type=int, default=2048, help="heads * head_dim for every row")
+    ap.add_argument("--tiled-max-seq", type=int, default=2048, help="longest seq for the slow tiled PyTorch version")
+    ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
+    ap.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    ap.add_argument("--skip-check", action="store_true", help="skip the correctness check against SDPA")
+    ap.add_argument("--show-tuning", action="store_true", help="print every autotuning candidate's time")
+    ap.add_argument("--no-write", action="store_true", help="print only; write no files")
+    args = ap.parse_args(argv)
+    if args.seqs is None:
+        args.seqs = [1024, 4096, 8192] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
+    for s in args.seqs:
+        if s <= 0:
+            ap.error(f"--seqs must be positive, got {s}")
+    return args
+
+
+def _gpu_slug(name: str) -> str:
+    name = re.sub(r"(?i)^nvidia\s+", "", name)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+
+
+def _cpu_check(args) -> dict:
+    """Correctness only, through Triton's interpreter at tiny sizes."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    from lmcore.kernels import attention_reference, flash_attention, flash_attention_torch
+
+    errors = {}
+    gen = torch.Generator().manual_seed(0)
+    for causal in (False, True):
+        for t, d in ((48, 16), (80, 32)):
+            q, k, v, do = (torch.randn(2, 2, t, d, generator=gen) for _ in range(4))
+            want = attention_reference(q, k, v, causal)
+            for name, fn in (("triton", flash_attention), ("torch_tiled", flash_attention_torch)):
+                got = fn(q, k, v, causal=causal)
+                err = ((got - want).norm() / want.norm()).item()
+                errors[f"{name}_causal{int(causal)}_t{t}_d{d}"] = err
+    worst = max(errors.values())
+    return {"metrics": {"max_rel_err": worst, "passed": worst < 1e-4}, "errors": errors,
+            "note": "no CUDA: correctness only (Triton interpreter), nothing timed or written"}
+
+
+def _make_fn(impl, q, k, v, causal, backward, do, tiled_block):
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lmcore.kernels import attention_reference, flash_attention, flash_attention_torch
+
+    backends = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+                "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+    def forward():
+        if impl == "triton":
+            return flash_attention(q, k, v, causal=causal)
+        if impl == "torch_tiled":
+            return flash_attention_torch(q, k, v, causal=causal, block_m=tiled_block, block_n=tiled_block)
+        if impl == "reference":
+            return attention_reference(q, k, v, causal=causal, upcast=False)
+        with sdpa_kernel([backends[impl]]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    if not backward:
+        return lambda: forward()
+
+    def step():
+        out = forward()
+        if impl.startswith("sdpa"):
+            with sdpa_kernel([backends[impl]]):
+                out.backward(do)
+        else:
+            out.backward(do)
+    return step
+
+
+def _measure(impl, b, h, t, d, causal, backward, args):
+    import torch
+    from triton.testing import do_bench
+
+    from lmcore.kernels import attention_flops
+
+    row = dict(impl=impl, mode="fwd+bwd" if backward else "fwd", causal=causal, head_dim=d, seq=t,
+               batch=b, heads=h, dtype="bf16", status="ok", ms="", tflops="", peak_mem_mb="")
+    if impl == "torch_tiled" and t > args.tiled_max_seq:
+        row["status"] = "skipped"
+        return row
+    q, k, v, do = (torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    if backward:
+        for x in (q, k, v):
+            x.requires_grad_(True)
+    fn = _make_fn(impl, q, k, v, causal, backward, do, tiled_block=128)
+    try:
+        fn()  # compile / autotune / pick algorithms outside the timed region
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        row["peak_mem_mb"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+        ms = do_bench(fn, rep=args.rep, grad_to_none=[q, k, v] if backward else None, return_mode="median")
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "oom"
+    except RuntimeError as err:  # a backend that does not support this shape, for example
+        row["status"] = "error: " + str(err).splitlines()[0][:120]
+    else:
+        row["ms"] = round(ms, 4)
+        row["tflops"] = round(attention_flops(b, h, t, t, d, causal, backward) / ms / 1e9, 1)
+    del q, k, v, do, fn
+    torch.cuda.empty_cache()
+    return row
+
+
+def _gpu_correctness(d, causal) -> dict:
+    """Relative error of our kernel's output and gradients against SDPA in float32, bf16 inputs."""
+    import torch
+
+    from lmcore.kernels import flash_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(d + causal)
+    q, k, v, do = (torch.randn(2, 4, 1024, d, device="cuda", generator=gen) for _ in range(4))
+    ref = [x.clone().requires_grad_() for x in (q, k, v)]
+    torch.nn.functional.scaled_dot_product_attention(*ref, is_causal=causal).backward(do)
+    ours = [x.bfloat16().requires_grad_() for x in (q, k, v)]
+    out = flash_attention(*ours, causal=causal)
+    out.backward(do.bfloat16())
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    errs = {"out": out.float(), "dq": ours[0].grad.float(), "dk": ours[1].grad.float(), "dv": ours[2].grad.float()}
+    wants = {"out": want, "dq": ref[0].grad, "dk": ref[1].grad, "dv": ref[2].grad}
+    return {n: ((errs[n] - wants[n]).norm() / wants[n].norm()).item() for n in errs}
+
+
+def _ratios(rows) -> dict:
+    """Our speed over each SDPA backend's (higher is better) for causal bf16 rows with seq >= 4096."""
+    ms = {(r["impl"], r["mode"], r["causal"], r["head_dim"], r["seq"]): r["ms"] for r in rows if r["status"] == "ok"}
+    out = {}
+    for (impl, mode, causal, d, t), ours in ms.items():
+        if impl != "triton" or not causal or t < 4096:
+            continue
+        for other in ("sdpa_cudnn", "sdpa_flash"):
+            theirs = ms.get((other, mode, causal, d, t))
+            if theirs:
+                out[f"{mode}_{other}_d{d}_t{t}"] = round(theirs / ours, 3)
+    return out
+
+
+def main(argv: list[str]) -> dict:
+    args = _parse(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        if not args.quick:
+            raise SystemExit("the attention benchmark needs a CUDA GPU; on CPU use --quick (correctness only)")
+        return _cpu_check(args)
+
+    from lmcore.bench import provenance
+    from lmcore.kernels.flash_triton import autotune_choices
+
+    flags = {"both": (True, False), "yes": (True,), "no": (False,)}[args.causal]
+    correctness = {} if args.skip_check else {
+        f"d{d}_causal{int(c)}": _gpu_correctness(d, c) for d in args.head_dims for c in flags}
+    print("correctness (relative error vs SDPA in fp32):", json.dumps(correctness), flush=True)
+    rows = []
+    for d in args.head_dims:
+        for causal in flags:
+            for t in args.seqs:
+                b, h = max(1, args.tokens // t), max(1, args.width // d)
+                for backward in (False, True):
+                    for impl in args.impls:
+                        row = _measure(impl, b, h, t, d, causal, backward, args)
+                        rows.append(row)
+                        if args.show_tuning and impl == "triton":
+                            from lmcore.kernels.flash_triton import last_tuning_timings
+
+                            for kname, cands in last_tuning_timings().items():
+                                best = ", ".join(f"{c} {t:.3f}" for c, t in cands[:4])
+                                print(f"   tuning {kname} d={d} causal={int(causal)} T={t}: {best}", flush=True)
+                        print(f"{row['impl']:15s} {row['mode']:8s} causal={int(causal)} d={d:4d} T={t:6d} "
+                              f"{row['status']:8s} {row['ms']!s:>9s} ms {row['tflops']!s:>7s} TFLOP/s "
+                              f"{row['peak_mem_mb']!s:>9s} MB", flush=True)
+    ratios = _ratios(rows)
+    gpu = torch.cuda.get_device_name()
+    result = {"metrics": {"ratios": ratios, "min_ratio_vs_cudnn_fwd": min((v for k, v in ratios.items() if k.startswith("fwd_sdpa_cudnn")), default=None),
+                          "min_ratio_vs_cudnn_fwdbwd": min((v for k, v in ratios.items() if k.startswith("fwd+bwd_sdpa_cudnn")), default=None),
+                          "correctness_rel_err": correctness},
+              "provenance": provenance(), "autotune": autotune_choices(), "rows": len(rows),
+              "settings": {"tokens": args.tokens, "width": args.width, "dtype": "bf16", "timer": "triton.testing.do_bench median",
+                           "rep_ms": args.rep}}
+    if not args.no_write:
+        from lmcore.utils import atomic_write
+
+        out_dir = Path(args.out_dir)
+        stem = f"attention-{_gpu_slug(gpu)}"
+        with atomic_write(out_dir / f"{stem}.csv") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        with atomic_write(out_dir / f"{stem}.json") as f:
+            json.dump(result, f, indent=1, sort_keys=True, default=str)
+        result["files"] = [str(out_dir / f"{stem}.csv"), str(out_dir / f"{stem}.json")]
+    return result

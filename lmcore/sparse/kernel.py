@@ -336,8 +336,13 @@ def _check_inputs(q, k, v, block_size: int) -> None:
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"head_dim={q.shape[-1]} is not supported by the kernel; expected one of {HEAD_DIMS}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size={block_size} must be a power of two >= 16 (the kernel's tile sizes)")
+    _check_block_size(block_size)
+
+
+def _check_block_size(block_size) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 \
+            or block_size & (block_size - 1):
+        raise ValueError(f"block_size={block_size!r} must be a power of two >= 16 (the kernel's tile sizes)")
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, block_size: int | None = None,
@@ -351,6 +356,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     under ``TRITON_INTERPRET=1``, else torch). Rows with no allowed key return 0.
     """
     T = q.shape[-2]
+    if block_size is not None:
+        _check_block_size(block_size)
     lay = _as_layout(layout, block_size, T)
     _check_inputs(q, k, v, lay.block_size)
     if scale is None:

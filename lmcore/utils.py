@@ -14,6 +14,8 @@ from typing import Any, Callable
 #: Set by ``lmcore.book`` and ``lmcore.experiments`` when they execute a chapter with papermill.
 #: Chapters then draw static figures instead of widgets.
 STATIC_ENV = "LMCORE_STATIC"
+#: Set likewise to the path of the chapter's own output-free source notebook.
+SOURCE_ENV = "LMCORE_SOURCE"
 
 _DEVICES = ("auto", "cuda", "mps", "cpu")
 
@@ -68,6 +70,13 @@ def is_static() -> bool:
     return os.environ.get(STATIC_ENV, "") not in ("", "0")
 
 
+def chapter_notebook(name: str) -> "os.PathLike":
+    """The source notebook of the running chapter: the one papermill was given, else ``name`` here."""
+    from pathlib import Path
+
+    return Path(os.environ.get(SOURCE_ENV) or name).resolve()
+
+
 def interactive() -> bool:
     """True when widgets make sense: a person is running the notebook in Jupyter."""
     if is_static():
@@ -81,26 +90,28 @@ def interactive() -> bool:
 
 
 def explore(function: Callable[..., Any], **controls: Any) -> Any:
-    """Call ``function`` with sliders when interactive, or once with the first value of each control.
+    """Call ``function`` with sliders when interactive, or once at fixed values when rendered.
 
     Each control is a list/tuple of choices or a ``(low, high, step)`` triple of numbers, as
-    ``ipywidgets.interact`` accepts them. When the book is rendered the function is called
-    once, with each control at its first choice (or ``low`` for a range), so the page shows a
-    static figure.
+    ``ipywidgets.interact`` accepts them. When the book is rendered the function is called once,
+    with each control at the function's own default for that argument, or else at its first
+    choice (``low`` for a range), so the page shows a static figure.
     """
     if interactive():
         import ipywidgets
 
         return ipywidgets.interact(function, **controls)
-    defaults = {}
+    signature = inspect.signature(function)
+    values = {}
     for name, spec in controls.items():
-        if isinstance(spec, tuple) and len(spec) == 3 and all(isinstance(x, (int, float)) for x in spec):
-            defaults[name] = spec[0]
+        default = signature.parameters[name].default if name in signature.parameters else inspect.Parameter.empty
+        if default is not inspect.Parameter.empty:
+            values[name] = default
         elif isinstance(spec, (list, tuple)) and spec:
-            defaults[name] = spec[0]
+            values[name] = spec[0]
         else:
-            defaults[name] = spec
-    return function(**defaults)
+            values[name] = spec
+    return function(**values)
 
 
 def source(obj: Any) -> str:

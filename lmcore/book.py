@@ -1,0 +1,293 @@
+"""Building the executed book: ``python -m lmcore.book build [--profile ci]``.
+
+The pipeline, in four steps, each of which fails loudly:
+
+1. **stage**: copy ``_config.yml``, ``_toc.yml`` and ``book/`` into a git-ignored folder
+   (``_stage/``), so the committed chapters stay output-free;
+2. **execute**: run every chapter of ``_toc.yml`` there with papermill, at its default parameters
+   or at those of a profile (``book/params/<profile>/<chapter>.yaml``), printing each chapter's
+   time; a failure names the chapter and the failing cell;
+3. **render**: ``jupyter-book build`` on the staged tree with execution off and warnings as
+   errors (``-W -n --keep-going``), into a fresh temporary folder;
+4. **publish**: move the finished HTML into ``_build/html`` in one step, so a half-built book is
+   never published and a failed build leaves the previous one in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmcore.results import RESULTS_ENV
+from lmcore.utils import SOURCE_ENV, STATIC_ENV, atomic_write
+
+DEFAULT_TIMEOUT = 900  # seconds any one cell of a chapter may run before the chapter fails
+KERNEL = "python3"
+
+
+class ChapterError(RuntimeError):
+    """A chapter failed to execute; the message names the chapter and the failing cell."""
+
+
+def find_root(start: str | os.PathLike | None = None) -> Path:
+    """The book's root: the nearest folder at or above ``start`` holding ``_toc.yml`` and ``book/``."""
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "_toc.yml").is_file() and (folder / "book").is_dir():
+            return folder
+    raise FileNotFoundError(f"no book root (a folder with _toc.yml and book/) at or above {here}")
+
+
+def toc_files(root: Path) -> list[str]:
+    """Every document of ``_toc.yml`` in reading order, as paths relative to the root, without suffix."""
+    import yaml
+
+    with open(root / "_toc.yml", encoding="utf-8") as f:
+        toc = yaml.safe_load(f)
+    if not isinstance(toc, dict) or "root" not in toc:
+        raise ValueError(f"{root / '_toc.yml'}: expected a mapping with a 'root' entry")
+    files = [toc["root"]]
+
+    def walk(entries: Any) -> None:
+        for entry in entries or []:
+            if "file" in entry:
+                files.append(entry["file"])
+            walk(entry.get("sections"))
+            for part in entry.get("parts", []) or []:
+                walk(part.get("chapters"))
+
+    walk(toc.get("chapters"))
+    for part in toc.get("parts", []) or []:
+        walk(part.get("chapters"))
+    return files
+
+
+def resolve_document(root: Path, entry: str) -> Path:
+    """The file behind a ``_toc.yml`` entry (``.ipynb`` or ``.md``); raises if it does not exist."""
+    for suffix in ("", ".ipynb", ".md"):
+        candidate = root / f"{entry}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"_toc.yml lists {entry!r}, but neither {entry}.ipynb nor {entry}.md exists")
+
+
+def chapters(root: Path) -> list[Path]:
+    """The notebooks of the book, in reading order."""
+    return [p for p in (resolve_document(root, e) for e in toc_files(root)) if p.suffix == ".ipynb"]
+
+
+def profile_parameters(root: Path, profile: str | None, notebook: Path) -> dict[str, Any]:
+    """The parameters of ``profile`` for one chapter (``book/params/<profile>/<stem>.yaml``), or ``{}``."""
+    if not profile:
+        return {}
+    import yaml
+
+    folder = root / "book" / "params" / profile
+    if not folder.is_dir():
+        raise FileNotFoundError(f"unknown parameter profile {profile!r}: {folder} does not exist")
+    path = folder / f"{notebook.stem}.yaml"
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of parameter names to values")
+    return values
+
+
+def chapter_timeout(notebook: Path, default: int = DEFAULT_TIMEOUT) -> int:
+    """A chapter may raise its own limit with notebook metadata ``{"lmcore": {"timeout": seconds}}``."""
+    with open(notebook, encoding="utf-8") as f:
+        meta = json.load(f).get("metadata", {})
+    return int(meta.get("lmcore", {}).get("timeout", default))
+
+
+def kernel_environment(source: Path, results_path: Path | None) -> dict[str, str]:
+    """Environment for a chapter's kernel: static figures, its source, a results file, this interpreter's kernels."""
+    env = {STATIC_ENV: "1", SOURCE_ENV: str(Path(source).resolve()),
+           "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    if results_path is not None:
+        env[RESULTS_ENV] = str(results_path)
+    # Make "python3" mean this environment's kernel even if the user has another one registered.
+    share = Path(sys.prefix) / "share" / "jupyter"
+    if share.is_dir():
+        env["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(share), os.environ.get("JUPYTER_PATH")]))
+    return env
+
+
+class _patched_environ:
+    def __init__(self, values: dict[str, str]):
+        self.values = values
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def execute_notebook(
+    source: Path,
+    output: Path,
+    parameters: dict[str, Any] | None = None,
+    cwd: Path | None = None,
+    timeout: int = DEFAULT_TIMEOUT,
+    results_path: Path | None = None,
+) -> None:
+    """Execute one notebook with papermill; raise ``ChapterError`` naming the chapter and failing cell."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    if results_path is not None and results_path.exists():
+        results_path.unlink()
+    try:
+        with _patched_environ(kernel_environment(source, results_path)):
+            papermill.execute_notebook(
+                str(source),
+                str(output),
+                parameters=parameters or {},
+                kernel_name=KERNEL,
+                cwd=str(cwd or source.parent),
+                progress_bar=False,
+                log_output=False,
+                request_save_on_cell_execute=False,
+                execution_timeout=timeout,
+            )
+    except PapermillExecutionError as err:
+        source_line = (err.source or "").strip().splitlines()
+        first = source_line[0] if source_line else ""
+        raise ChapterError(
+            f"chapter {source.name} failed in cell {err.cell_index + 1} (counting from 1; execution count "
+            f"{err.exec_count}, starting {first!r}): {err.ename}: {err.evalue}"
+        ) from None
+    except Exception as err:  # kernel died, timeout, bad notebook: still name the chapter
+        raise ChapterError(f"chapter {source.name} could not be executed: {type(err).__name__}: {err}") from err
+
+
+def stage(root: Path, stage_dir: Path) -> Path:
+    """Copy the book's sources into a clean ``stage_dir`` and return it."""
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(root / name, stage_dir / name)
+    shutil.copytree(
+        root / "book",
+        stage_dir / "book",
+        ignore=shutil.ignore_patterns(".ipynb_checkpoints", "_artifacts", "__pycache__"),
+    )
+    return stage_dir
+
+
+def render_html(stage_dir: Path, output: Path) -> None:
+    """``jupyter-book build`` the staged tree with warnings as errors and publish it at ``output`` atomically."""
+    jb = Path(sys.executable).with_name("jupyter-book")
+    command = [str(jb) if jb.exists() else "jupyter-book", "build", str(stage_dir),
+               "--builder", "html", "-W", "-n", "--keep-going"]
+    with tempfile.TemporaryDirectory(prefix="lmcore-html-", dir=output.parent) as tmp:
+        proc = subprocess.run([*command, "--path-output", tmp], capture_output=True, text=True)
+        built = Path(tmp) / "_build" / "html"
+        if proc.returncode != 0 or not (built / "index.html").is_file():
+            log = (proc.stdout + proc.stderr)[-6000:]
+            raise RuntimeError(f"jupyter-book build failed (exit {proc.returncode}); the last lines:\n{log}")
+        old = output.with_name(output.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        if output.exists():
+            output.rename(old)
+        built.rename(output)
+        if old.exists():
+            shutil.rmtree(old)
+
+
+@dataclass
+class ChapterRun:
+    chapter: str
+    seconds: float
+    results: dict[str, Any]
+
+
+def build(
+    root: Path | None = None,
+    profile: str | None = None,
+    output: Path | None = None,
+    only: list[str] | None = None,
+    log=print,
+) -> list[ChapterRun]:
+    """Stage, execute and render the whole book; return each chapter's time and recorded results."""
+    root = Path(root) if root else find_root()
+    build_dir = root / "_build"
+    output = Path(output) if output else build_dir / "html"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    staged = stage(root, root / "_stage")
+    notebooks = chapters(staged)
+    if only:
+        notebooks = [nb for nb in notebooks if nb.stem in only or nb.name in only]
+    results_dir = build_dir / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for i, notebook in enumerate(notebooks, 1):
+        params = profile_parameters(root, profile, notebook)
+        log(f"[{i}/{len(notebooks)}] executing {notebook.stem}" + (f" ({profile} parameters)" if profile else ""))
+        t0 = time.perf_counter()
+        results_path = results_dir / f"{notebook.stem}.json"
+        # execute the pristine source into the staged copy, in the staged folder
+        execute_notebook(root / notebook.relative_to(staged), notebook, params, cwd=notebook.parent,
+                         timeout=chapter_timeout(notebook), results_path=results_path)
+        seconds = time.perf_counter() - t0
+        results = json.loads(results_path.read_text()) if results_path.exists() else {}
+        runs.append(ChapterRun(notebook.stem, seconds, results))
+        log(f"      {notebook.stem}: {seconds:.1f} s")
+    log("rendering HTML with jupyter-book (warnings are errors)")
+    t0 = time.perf_counter()
+    render_html(staged, output)
+    render_seconds = time.perf_counter() - t0
+    total = time.perf_counter() - started
+    timings = {"profile": profile, "chapters": {r.chapter: round(r.seconds, 2) for r in runs},
+               "render_seconds": round(render_seconds, 2), "total_seconds": round(total, 2)}
+    with atomic_write(build_dir / "timings.json") as f:
+        json.dump(timings, f, indent=1)
+    log(f"rendered in {render_seconds:.1f} s; whole build {total:.1f} s")
+    log(f"open {output / 'index.html'}")
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lmcore.book", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="execute every chapter and build the HTML book")
+    b.add_argument("--profile", default=None, help="parameter profile (book/params/<profile>/), e.g. ci")
+    b.add_argument("--only", nargs="+", default=None, help="execute only these chapters (by stem)")
+    b.add_argument("--output", default=None, help="where to publish the HTML (default _build/html)")
+    sub.add_parser("chapters", help="list the chapters in reading order")
+    args = parser.parse_args(argv)
+    root = find_root()
+    if args.command == "chapters":
+        for nb in chapters(root):
+            print(nb.relative_to(root))
+        return 0
+    try:
+        build(root, profile=args.profile, output=Path(args.output) if args.output else None, only=args.only)
+    except (ChapterError, RuntimeError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The build pipeline: every chapter executed at its test-sized parameters, then the book rendered."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmcore.book import ChapterError, build, chapters, toc_files
+
+from .conftest import ROOT, throwaway_book
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_chapter_executes_and_renders(built_book):
+    html, runs = built_book
+    assert (html / "index.html").is_file()
+    for entry in toc_files(ROOT):
+        assert (html / f"{entry}.html").is_file(), f"{entry} was not rendered"
+    assert [r.chapter for r in runs] == [nb.stem for nb in chapters(ROOT)]
+    timings = json.loads((ROOT / "_build" / "timings.json").read_text())
+    assert timings["profile"] == "ci" and set(timings["chapters"]) == {r.chapter for r in runs}
+    # the executed notebooks live in the git-ignored stage; the sources stay output-free
+    staged = json.loads((ROOT / "_stage" / "book" / "00-using-this-book.ipynb").read_text())
+    assert any(c.get("outputs") for c in staged["cells"] if c["cell_type"] == "code")
+    source = json.loads((ROOT / "book" / "00-using-this-book.ipynb").read_text())
+    assert not any(c.get("outputs") for c in source["cells"] if c["cell_type"] == "code")
+
+
+def test_chapter_zero_records_its_results(built_book):
+    _, runs = built_book
+    results = {r.chapter: r.results for r in runs}["00-using-this-book"]
+    assert results["final_loss"] < results["uniform_loss"], "the toy model learned nothing"
+    assert results["grid_runs"] == 2
+    page = (ROOT / "_build" / "html" / "book" / "00-using-this-book.html").read_text()
+    assert f"{results['final_loss']:.4f}" in page, "the glued number does not appear in the prose"
+
+
+def test_failing_chapter_names_chapter_and_cell_and_keeps_the_old_book(tmp_path):
+    root = throwaway_book(tmp_path / "book-root", {
+        "fine": [("markdown", "# Fine\n", []), ("code", "n = 1", ["parameters"]), ("code", "print(n)", [])],
+        "broken": [("markdown", "# Broken\n", []), ("code", "n = 1", ["parameters"]),
+                   ("code", "print('ok')", []), ("code", "1 / 0", [])],
+    })
+    output = tmp_path / "published"
+    output.mkdir()
+    (output / "index.html").write_text("the previous book")
+    with pytest.raises(ChapterError, match=r"broken\.ipynb failed in cell 4 .*'1 / 0'.*ZeroDivisionError"):
+        build(root, output=output, log=lambda *_: None)
+    assert (output / "index.html").read_text() == "the previous book", "a failed build must not publish"
+
+
+def test_sphinx_warning_fails_the_build(tmp_path):
+    root = throwaway_book(tmp_path / "book-root", {
+        "warns": [("markdown", "# Warns\n\nSee {ref}`no-such-label`.\n", []), ("code", "n = 1", ["parameters"])],
+    })
+    with pytest.raises(RuntimeError, match="jupyter-book build failed"):
+        build(root, output=tmp_path / "html", log=lambda *_: None)
+    assert not (tmp_path / "html").exists()

@@ -30,6 +30,11 @@ class Tokenizer:
     #: streaming a file of any size keeps memory bounded.
     cache_size = 1 << 17
 
+    #: ``encode_iterable`` carries this many trailing pre-tokens into the next block: a pre-token
+    #: can depend on up to two characters after it (a contraction like ``'ll``), which lie within
+    #: the next two pre-tokens for the GPT-2 and cl100k patterns.
+    held_pieces = 2
+
     def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]],
                  special_tokens: dict[str, int] | None = None, pattern: str = GPT2_PATTERN,
                  merge_by: str = "pairs"):
@@ -200,15 +205,16 @@ class Tokenizer:
                 self._encode_pieces(self._re.findall(part), out)
         last = parts[-1]
         pieces = self._re.findall(last)
-        if not pieces:
+        if len(pieces) <= self.held_pieces:
             return out, last + rest
-        # the last pre-token may still grow with more text: carry it into the next block
-        start = len(last) - len(pieces[-1])
-        if not last.endswith(pieces[-1]):  # a pattern that skips characters: find where it starts
-            start = 0
-            for match in self._re.finditer(last):
-                start = match.start()
-        self._encode_pieces(pieces[:-1], out)
+        # The last pre-tokens may still change with more text: '...we'l' is "'", "l" now but "'ll"
+        # once the next 'l' arrives. Carry them into the next block.
+        held = len("".join(pieces[-self.held_pieces:]))
+        start = len(last) - held
+        if not last.endswith("".join(pieces[-self.held_pieces:])):  # a pattern that skips characters
+            starts = [m.start() for m in self._re.finditer(last)]
+            start = starts[-self.held_pieces]
+        self._encode_pieces(pieces[:-self.held_pieces], out)
         return out, last[start:] + rest
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -1,0 +1,145 @@
+"""Counting a TransformerLM: parameters, FLOPs per token and training memory.
+
+The memory estimate follows what autograd keeps for *this* implementation (``lmcore.nn`` with a
+fused attention backend such as ``sdpa``): every tensor a layer saves for its backward pass is
+listed in :func:`activation_bytes_per_layer`, so the chapter can show where each byte goes.
+"""
+
+from __future__ import annotations
+
+from lmcore.nn import ModelConfig
+
+#: Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets), for model FLOP utilisation.
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "GH200": 989.4, "A100": 312.0,
+                    "A10G": 70.0, "L4": 121.0, "L40S": 362.0, "4090": 165.2, "B200": 2250.0}
+
+_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+_FUSED = {"sdpa", "flash_triton", "flash_torch"}  # backends that do not store the T x T matrix
+
+
+def _check(config) -> ModelConfig:
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"expected a ModelConfig, got {type(config).__name__}")
+    return config
+
+
+def count_params(config: ModelConfig, embedding: bool = True) -> int:
+    """Trainable parameters of ``TransformerLM(config)`` (a tied head counted once).
+
+    ``embedding=False`` leaves out the input embedding table (the convention of scaling laws).
+    """
+    c = _check(config)
+    d, kv = c.d_model, c.kv_heads * c.head_dim
+    attn = d * d + 2 * d * kv + d * d  # q, k, v, o projections
+    layer = attn + 3 * d * c.d_ff + 2 * d  # + SwiGLU + two RMSNorm gains
+    total = c.n_layers * layer + d  # + final norm
+    total += c.vocab_size * d if (embedding or c.tie_weights) else 0  # input table (it *is* the head when tied)
+    total += 0 if c.tie_weights else c.vocab_size * d  # output head
+    return total
+
+
+def flops_breakdown(config: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
+    """Forward FLOPs per token by component (a multiply-add counts 2).
+
+    Attention scores count the full ``seq_len x seq_len`` matrix (the usual convention, as in
+    the PaLM paper's MFU), although a causal kernel only computes half of it.
+    """
+    c = _check(config)
+    T = c.context_length if seq_len is None else seq_len
+    d, kv, L = c.d_model, c.kv_heads * c.head_dim, c.n_layers
+    return {
+        "attention projections": 2 * L * (2 * d * d + 2 * d * kv),
+        "attention scores": 2 * L * 2 * T * d,  # q k^T and (probabilities) v
+        "feed-forward": 2 * L * 3 * d * c.d_ff,
+        "output head": 2 * d * c.vocab_size,
+    }
+
+
+def flops_per_token(config: ModelConfig, seq_len: int | None = None, training: bool = True) -> float:
+    """FLOPs per token: the forward pass, or forward + backward (3x) when ``training``."""
+    forward = sum(flops_breakdown(config, seq_len).values())
+    return 3 * forward if training else forward
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak of a GPU from its name, or None when unknown."""
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key.lower() in device_name.lower():
+            return value
+    return None
+
+
+def mfu(tokens_per_s: float, config: ModelConfig, device_name: str, seq_len: int | None = None) -> float | None:
+    """Model FLOP utilisation: achieved training FLOP/s over the device's bf16 peak."""
+    peak = peak_tflops(device_name)
+    return None if peak is None else tokens_per_s * flops_per_token(config, seq_len) / (peak * 1e12)
+
+
+def activation_bytes_per_layer(config: ModelConfig, batch: int, seq: int, dtype: str = "bfloat16") -> dict[str, int]:
+    """Bytes one Transformer block saves for backward, by tensor.
+
+    ``dtype="bfloat16"`` means float32 weights and residual stream with bf16 autocast (matmul
+    inputs and outputs in bf16); ``"float32"`` means no autocast.
+    """
+    c = _check(config)
+    a = _bytes(dtype)
+    n, d, f, H = batch * seq, c.d_model, c.d_ff, c.n_heads
+    # with autocast every matmul casts its float32 input anew: q, k, v make three copies, w1 and w3 two
+    qkv_inputs = 3 * a * n * d if a == 2 else 4 * n * d
+    ffn_inputs = 2 * a * n * d if a == 2 else 4 * n * d
+    parts = {
+        "residual stream (2 per block, float32)": 2 * 4 * n * d,
+        "RMSNorm x/rms (2, float32)": 2 * 4 * n * d + 2 * 4 * n,
+        "attention matmul inputs": qkv_inputs + a * n * d,  # + the merged heads before o_proj
+        "q, k, v and output of attention": 4 * a * n * d + 4 * n * H,  # + log-sum-exp per row
+        "feed-forward matmul inputs": ffn_inputs,
+        "SwiGLU hidden (w1 x, sigmoid, silu, w3 x, product)": 5 * a * n * f,
+    }
+    if c.attention_backend not in _FUSED:  # the written-out backends keep scores and probabilities
+        parts["attention matrix (T x T)"] = batch * H * seq * seq * (3 * a if a == 2 else 2 * a) + seq * seq
+    return parts
+
+
+def _bytes(dtype: str) -> int:
+    if dtype not in _BYTES:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(_BYTES)}")
+    return _BYTES[dtype]
+
+
+def memory_estimate(config: ModelConfig, batch: int, seq: int | None = None, dtype: str = "bfloat16",
+                    optimizer: str = "adamw", checkpointing: bool = False) -> dict[str, int]:
+    """Peak bytes of one training step: weights, gradients, optimizer state, activations.
+
+    Weights are float32 (``dtype`` is the autocast compute type). The peak comes either while
+    backward starts (every activation saved, the logits' gradient being formed, no weight
+    gradients yet) or at the optimizer step (gradients complete, activations freed); the larger
+    is ``total``. With ``checkpointing`` each block keeps only its input and one block's
+    activations are recomputed at a time.
+    """
+    c = _check(config)
+    seq = c.context_length if seq is None else seq
+    if seq > c.context_length:
+        raise ValueError(f"seq={seq} exceeds context_length={c.context_length}")
+    states = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}
+    if optimizer not in states:
+        raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(states)}")
+    a = _bytes(dtype)
+    n, d, V = batch * seq, c.d_model, c.vocab_size
+    N = count_params(c)
+    matmul_params = N - c.n_layers * 2 * d - d - (0 if c.tie_weights else V * d)  # without norms, input table
+    weights, grads, opt = 4 * N, 4 * N, 4 * N * states[optimizer]
+    layer = sum(activation_bytes_per_layer(c, batch, seq, dtype).values())
+    head = 4 * n * d + 4 * n * d + (a * n * d if a == 2 else 0) + 8 * n  # last residual, final norm, head input
+    logits = 4 * n * V + 3 * 4 * n * V  # float32 logits saved by the loss + three temporaries of its gradient
+    head_cast = 2 * V * d if a == 2 else 0
+    casts = 2 * matmul_params if a == 2 else 0  # bf16 copies of the weights, held until backward uses them
+    if checkpointing:  # blocks keep their inputs; one block is recomputed at a time during backward
+        activations = c.n_layers * 4 * n * d + head + head_cast
+        recompute = weights + grads + opt + activations + layer + (casts - head_cast) // c.n_layers
+        backward_start = max(weights + opt + activations + logits, recompute)
+    else:
+        activations = c.n_layers * layer + head + casts
+        backward_start = weights + opt + activations + logits
+    optimizer_step = weights + grads + opt + 4 * c.vocab_size * d  # + one temporary of the largest matrix
+    return {"weights": weights, "gradients": grads, "optimizer": opt, "activations": activations,
+            "logits": logits, "total": max(backward_start, optimizer_step)}

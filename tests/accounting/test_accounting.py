@@ -1,0 +1,83 @@
+"""Parameter, FLOP and memory accounting against the model itself."""
+
+import pytest
+import torch
+
+from lmcore.accounting import count_params, flops_breakdown, flops_per_token, memory_estimate, mfu
+from lmcore.nn import PRESETS, ModelConfig, TransformerLM
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_count_params_matches_the_model(name):
+    config = ModelConfig.preset(name)
+    assert count_params(config) == TransformerLM(config, device="meta").num_parameters()
+
+
+@pytest.mark.parametrize("extra", [{}, {"n_kv_heads": 2}, {"tie_weights": True}])
+def test_count_params_variants(extra):
+    config = ModelConfig.preset("tiny", **extra)
+    assert count_params(config) == TransformerLM(config).num_parameters()
+    assert count_params(config, embedding=False) == count_params(config) - (0 if config.tie_weights else 512 * 64)
+
+
+def test_forward_flops_match_torchs_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = ModelConfig.preset("tiny", context_length=32, n_kv_heads=2, attention_backend="vectorized")
+    model = TransformerLM(config)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(2, 32, dtype=torch.long))
+    assert counter.get_total_flops() / (2 * 32) == pytest.approx(flops_per_token(config, training=False), rel=0.01)
+    assert flops_per_token(config) == 3 * sum(flops_breakdown(config).values())
+
+
+def test_mfu_uses_the_device_peak():
+    config = ModelConfig.preset("gpt2-small-shape")
+    tokens_per_s = 0.5 * 989.4e12 / flops_per_token(config)
+    assert mfu(tokens_per_s, config, "NVIDIA H100 80GB HBM3") == pytest.approx(0.5)
+    assert mfu(1.0, config, "Mystery GPU") is None
+
+
+@pytest.mark.parametrize("kw, amp, ckpt", [({}, True, False), ({"n_kv_heads": 2, "tie_weights": True}, True, False),
+                                           ({}, False, False), ({}, True, True)])
+def test_memory_estimate_matches_tracked_peak_on_cpu(kw, amp, ckpt):
+    """Every tensor alive during a training step, tracked on CPU, against the estimate."""
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
+    from lmcore.train import TrainConfig, configure_optimizer, cross_entropy
+
+    config = ModelConfig.preset("tiny", vocab_size=512, context_length=64, d_model=128, n_heads=4, d_ff=352, **kw)
+    torch.manual_seed(0)
+    model = TransformerLM(config)
+    model.activation_checkpointing = ckpt
+    opt = configure_optimizer(model, TrainConfig())
+
+    def step():
+        x = torch.randint(0, 512, (4, 64))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = cross_entropy(model(x), x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # the optimizer state exists from the first step on
+    tracker = mem_tracker.MemTracker()
+    tracker.track_external(model, opt)
+    with tracker:
+        step()
+    measured = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    estimate = memory_estimate(config, 4, 64, "bfloat16" if amp else "float32", checkpointing=ckpt)
+    assert estimate["total"] == pytest.approx(measured, rel=0.10)
+
+
+def test_memory_estimate_parts_and_errors():
+    config = ModelConfig.preset("gpt2-small-shape")
+    est = memory_estimate(config, 8, 1024)
+    n = count_params(config)
+    assert est["weights"] == 4 * n and est["optimizer"] == 8 * n
+    assert memory_estimate(config, 8, 1024, checkpointing=True)["total"] < est["total"]
+    assert memory_estimate(config, 16, 1024)["activations"] > est["activations"]
+    with pytest.raises(ValueError, match="dtype"):
+        memory_estimate(config, 8, 1024, dtype="int4")
+    with pytest.raises(ValueError, match="exceeds context_length"):
+        memory_estimate(config, 8, 4096)

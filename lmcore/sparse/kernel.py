@@ -242,24 +242,52 @@ if triton is not None:
         tl.store(DQ + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
-# Tile sizes. A tile never crosses a layout block: BLOCK_M and BLOCK_N divide block_size.
-# ``CONFIGS`` maps (kernel, head_dim) -> (BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU;
-# under the interpreter one small tile keeps the CPU tests fast and exercises the sub-block loop.
-CONFIGS: dict[tuple[str, int], tuple[int, int, int, int]] = {
-    ("fwd", 64): (128, 64, 4, 3),
-    ("fwd", 128): (128, 64, 8, 3),
-    ("dkdv", 64): (32, 128, 4, 3),
-    ("dkdv", 128): (32, 64, 4, 3),
-    ("dq", 64): (128, 32, 4, 3),
-    ("dq", 128): (64, 64, 4, 3),
+# Tile sizes. A tile never crosses a layout block: BLOCK_M and BLOCK_N must divide block_size.
+# On a GPU each kernel is autotuned over a few (BLOCK_M, BLOCK_N, num_warps, num_stages) per
+# (block_size, head_dim, dtype); under the interpreter one small tile keeps the CPU tests fast
+# and still exercises the loop over slices of a block.
+GPU_CONFIGS: dict[str, list[tuple[int, int, int, int]]] = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3)],
+    "dq": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
 }
 
 
-def _config(kind: str, block_size: int, head_dim: int) -> tuple[int, int, int, int]:
+def _configs(kind: str):
     if interpreting():
-        return 16, 16, 1, 1
-    bm, bn, warps, stages = CONFIGS.get((kind, head_dim), CONFIGS.get((kind, 128 if head_dim > 64 else 64)))
-    return min(bm, block_size), min(bn, block_size), warps, stages
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in GPU_CONFIGS[kind]]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep tiles that fit inside one layout block (and at least one config)."""
+    bs = kwargs.get("BLOCK_SIZE", named_args.get("BLOCK_SIZE"))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= bs and c.kwargs["BLOCK_N"] <= bs]
+    if not kept:
+        c = configs[0]
+        kept = [triton.Config({"BLOCK_M": min(c.kwargs["BLOCK_M"], bs), "BLOCK_N": min(c.kwargs["BLOCK_N"], bs)},
+                              num_warps=c.num_warps, num_stages=c.num_stages)]
+    return kept
+
+
+if triton is not None:
+    _KEY = ["BLOCK_SIZE", "HEAD_DIM", "PRECISION"]
+    _fwd = triton.autotune(_configs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
+    _dkdv = triton.autotune(_configs("dkdv"), key=_KEY,
+                            prune_configs_by={"early_config_prune": _prune})(_bwd_dkdv_kernel)
+    _dq = triton.autotune(_configs("dq"), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_bwd_dq_kernel)
+
+
+def autotune_choices() -> dict:
+    """The tile configuration picked per autotuning key so far, per kernel (for the benchmark's record)."""
+    if triton is None:
+        return {}
+    out = {}
+    for name, kernel in (("fwd", _fwd), ("dkdv", _dkdv), ("dq", _dq)):
+        out[name] = {str(key): f"{cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages}"
+                     for key, cfg in getattr(kernel, "cache", {}).items()}
+    return out
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -274,12 +302,10 @@ class _BlockSparseAttention(torch.autograd.Function):
         o = torch.empty_like(q)  # (B, H, T, D)
         lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # log2 units
         slb, slh = index.strides(B, H)
-        bm, bn, warps, stages = _config("fwd", block_size, D)
-        grid = (triton.cdiv(T, bm), B * H)
-        _fwd_kernel[grid](q, k, v, o, lse, index.row_idx, index.row_flag, index.row_cnt,
-                          H, T, scale * LOG2E, index.window, slb, slh, index.row_idx.shape[-1],
-                          BLOCK_SIZE=block_size, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D,
-                          PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _fwd[grid](q, k, v, o, lse, index.row_idx, index.row_flag, index.row_cnt,
+                   H, T, scale * LOG2E, index.window, slb, slh, index.row_idx.shape[-1],
+                   BLOCK_SIZE=block_size, HEAD_DIM=D, PRECISION=_precision(q.dtype))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.index, ctx.block_size, ctx.scale = index, block_size, scale
         return o
@@ -294,18 +320,14 @@ class _BlockSparseAttention(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         slb, slh = index.strides(B, H)
         prec = _precision(q.dtype)
-        bm, bn, warps, stages = _config("dkdv", block_size, D)
-        _bwd_dkdv_kernel[(triton.cdiv(T, bn), B * H)](
+        _dkdv[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](
             q, k, v, do, lse, delta, dk, dv, index.col_idx, index.col_flag, index.col_cnt,
             H, T, scale * LOG2E, scale, index.window, slb, slh, index.col_idx.shape[-1],
-            BLOCK_SIZE=block_size, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, PRECISION=prec,
-            num_warps=warps, num_stages=stages)
-        bm, bn, warps, stages = _config("dq", block_size, D)
-        _bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
+            BLOCK_SIZE=block_size, HEAD_DIM=D, PRECISION=prec)
+        _dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
             q, k, v, do, lse, delta, dq, index.row_idx, index.row_flag, index.row_cnt,
             H, T, scale * LOG2E, scale, index.window, slb, slh, index.row_idx.shape[-1],
-            BLOCK_SIZE=block_size, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, PRECISION=prec,
-            num_warps=warps, num_stages=stages)
+            BLOCK_SIZE=block_size, HEAD_DIM=D, PRECISION=prec)
         return dq, dk, dv, None, None, None
 
 

@@ -95,13 +95,13 @@ class BlockLayout:
         """The token-level mask ``(..., seq_len, seq_len)``: True where query row may see key column."""
         t, bs = self.seq_len, self.block_size
         allowed = self.blocks.repeat_interleave(bs, -1).repeat_interleave(bs, -2)[..., :t, :t]
-        part = self.partial.repeat_interleave(bs, -1).repeat_interleave(bs, -2)[..., :t, :t]
-        qi = torch.arange(t, device=self.blocks.device)[:, None]
-        ki = torch.arange(t, device=self.blocks.device)[None, :]
-        band = ((qi - ki) < self.window) & ((ki - qi) < self.window)
-        allowed = allowed & (~part | band)
+        if self.window > 0 and bool(self.partial.any()):
+            part = self.partial.repeat_interleave(bs, -1).repeat_interleave(bs, -2)[..., :t, :t]
+            band = torch.ones(t, t, dtype=torch.bool, device=self.blocks.device)
+            band = band.tril(self.window - 1).triu(1 - self.window)  # |q - k| < window
+            allowed = allowed & (~part | band)
         if self.causal:
-            allowed = allowed & (qi >= ki)
+            allowed = allowed.tril()  # k <= q
         return allowed
 
     @property

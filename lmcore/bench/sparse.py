@@ -1,0 +1,385 @@
+"""Block-sparse attention against FlexAttention, SDPA with a dense mask, and dense kernels.
+
+``python -m lmcore.bench sparse [--quick] [--json OUT] [--out-dir DIR] [--max-seconds S]``
+
+On a CUDA GPU, for causal patterns at densities from about 5% to 50% of the blocks, sequence
+lengths 1k-32k, head dims 64 and 128, bf16, forward and forward+backward, one run measures:
+
+- ``block_sparse``: :func:`lmcore.sparse.block_sparse_attention` (visits listed blocks only);
+- ``flex``: ``torch.nn.attention.flex_attention`` under ``torch.compile`` with the same block
+  mask from ``create_block_mask`` (checked to run compiled: no recompiles, no eager fallback);
+- ``sdpa_mask``: ``scaled_dot_product_attention`` with the equivalent dense boolean mask;
+- ``flash_dense``: lmcore's dense FlashAttention-2 kernel (``lmcore.kernels``), when importable,
+  and ``sdpa_causal`` (dense causal SDPA) as the dense reference;
+- ``nsa`` against the dense kernel at 8k-32k.
+
+Every row of the CSV carries the pattern, its block density and the work ratio
+``dense causal density / density``. ``--out-dir`` writes ``sparse-<gpu>.csv`` and
+``sparse-<gpu>.json`` (provenance and summary). Without CUDA it reports that and measures nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
+import time
+
+FIELDS = ["method", "pattern", "params", "causal", "seq", "head_dim", "batch", "heads", "block_size",
+          "density", "work_ratio", "pass", "ms", "peak_mb", "note"]
+
+
+def gpu_slug(name: str) -> str:
+    """A short file-name part for a GPU: 'NVIDIA H100 80GB HBM3' -> 'h100'."""
+    m = re.search(r"\b([A-Za-z]{1,3}\d{2,4}[A-Za-z]?)\b", name)
+    return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")).lower()
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(prog="python -m lmcore.bench sparse")
+    ap.add_argument("--quick", action="store_true", help="a small subset (head dim 64, two lengths)")
+    ap.add_argument("--out-dir", default=None, help="write sparse-<gpu>.csv and .json here")
+    ap.add_argument("--seqs", default=None, help="comma-separated sequence lengths")
+    ap.add_argument("--head-dims", default=None, help="comma-separated head dims")
+    ap.add_argument("--nsa-seqs", default=None, help="comma-separated sequence lengths for NSA")
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=32768, help="batch * seq per measurement")
+    ap.add_argument("--model-dim", type=int, default=1024, help="heads = model_dim // head_dim")
+    ap.add_argument("--max-seconds", type=float, default=1e9, help="start no new group after this")
+    ap.add_argument("--no-sdpa-mask-above", type=int, default=32768, help="skip masked SDPA above this length")
+    return ap.parse_args(argv)
+
+
+def patterns_for(seq: int, bs: int, quick: bool) -> list[tuple[str, dict]]:
+    """Causal patterns spanning ~5%..50% block density at this length."""
+    def w(frac):  # a window that is a whole number of blocks, at least one
+        return max(bs, int(seq * frac) // bs * bs)
+
+    cases = [("local", {"window": w(1 / 16)}), ("local", {"window": w(1 / 8)}),
+             ("local", {"window": w(1 / 4)}), ("local", {"window": w(1 / 2)}), ("dense", {})]
+    if quick:
+        return cases[:2] + [("bigbird", {"window": w(1 / 16), "num_global": bs, "num_random": 2, "seed": 0})]
+    return cases + [
+        ("local", {"window": w(1 / 8) + bs // 2}),  # not block-aligned: partial blocks on the edge
+        ("mixed", {"window": w(1 / 16), "num_global": 2 * bs}),
+        ("bigbird", {"window": w(1 / 16), "num_global": bs, "num_random": 3, "seed": 0}),
+        ("strided", {"stride": max(bs, seq // 8)}),
+        ("dilated", {"span": seq // 2, "dilation": 2}),
+    ]
+
+
+class Timer:
+    """Median of CUDA-event timings, with as many repetitions as fit in ~``target_ms``."""
+
+    def __init__(self, torch, target_ms: float = 120.0):
+        self.torch, self.target_ms = torch, target_ms
+
+    def __call__(self, fn) -> float:
+        cuda = self.torch.cuda
+        fn()
+        cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        cuda.synchronize()
+        est = (time.perf_counter() - t0) * 1e3
+        reps = int(min(50, max(3, self.target_ms / max(est, 1e-3))))
+        times = []
+        for _ in range(reps):
+            a, b = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        times.sort()
+        return times[len(times) // 2]
+
+
+def _peak_mb(torch, fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+class Flex:
+    """FlexAttention with one compiled function and one mask_mod per length (so patterns do not recompile)."""
+
+    def __init__(self, torch):
+        from torch.nn.attention import flex_attention as fa
+
+        self.torch, self.fa = torch, fa
+        dyn = torch._dynamo.config
+        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                     "accumulated_recompile_limit"):
+            if hasattr(dyn, name):
+                setattr(dyn, name, 4096)
+        if hasattr(dyn, "fail_on_recompile_limit_hit"):
+            dyn.fail_on_recompile_limit_hit = True  # never fall back to eager silently
+        self.fn = torch.compile(fa.flex_attention, dynamic=False)
+        self.holders = {}
+
+    def block_mask(self, layout, causal: bool):
+        torch = self.torch
+        T, bs = layout.seq_len, layout.block_size
+        key = (T, bs, causal)
+        if key not in self.holders:  # tensors the mask_mod reads; refilled in place per pattern
+            n = layout.num_blocks
+            h = {"blocks": torch.zeros(n, n, dtype=torch.bool, device="cuda"),
+                 "partial": torch.zeros(n, n, dtype=torch.bool, device="cuda"),
+                 "window": torch.zeros((), dtype=torch.int64, device="cuda")}
+
+            def mask_mod(b, hh, q_idx, kv_idx):
+                qb, kb = q_idx // bs, kv_idx // bs
+                band = ((q_idx - kv_idx) < h["window"]) & ((kv_idx - q_idx) < h["window"])
+                ok = h["blocks"][qb, kb] & (~h["partial"][qb, kb] | band)
+                return (ok & (q_idx >= kv_idx)) if causal else ok
+
+            h["mask_mod"] = mask_mod
+            self.holders[key] = h
+        h = self.holders[key]
+        h["blocks"].copy_(layout.blocks)
+        h["partial"].copy_(layout.partial)
+        h["window"].fill_(layout.window)
+        return self.fa.create_block_mask(h["mask_mod"], None, None, T, T, device="cuda", BLOCK_SIZE=bs)
+
+    def __call__(self, q, k, v, block_mask):
+        return self.fn(q, k, v, block_mask=block_mask)
+
+
+def _compiled_guard(torch):
+    """A context in which a recompilation raises: the timed calls must hit compiled code."""
+    dyn = torch._dynamo.config
+    return dyn.patch(error_on_recompile=True)
+
+
+def run(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from lmcore.bench import provenance
+    from lmcore.sparse import block_sparse_attention, make_layout, nsa_attention
+    from lmcore.sparse.kernel import autotune_choices
+
+    try:
+        from lmcore.kernels import flash_attention
+    except Exception as err:  # noqa: BLE001 - the dense kernel is optional here
+        flash_attention, flash_error = None, repr(err)
+    else:
+        flash_error = None
+
+    prov = provenance()
+    gpu = torch.cuda.get_device_name()
+    quick = args.quick
+    seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else ([4096, 16384] if quick else [1024, 4096, 16384, 32768])
+    head_dims = [int(d) for d in args.head_dims.split(",")] if args.head_dims else ([64] if quick else [64, 128])
+    nsa_seqs = [int(s) for s in args.nsa_seqs.split(",")] if args.nsa_seqs else ([8192] if quick else [8192, 16384, 32768])
+    bs = args.block_size
+    dt = torch.bfloat16
+    timer = Timer(torch)
+    flex = Flex(torch)
+    rows: list[dict] = []
+    started = time.time()
+    truncated = []
+
+    def write_partial():
+        if args.out_dir:
+            _write(args.out_dir, gpu, rows, {"provenance": prov, "partial": True})
+
+    def measure(method, fwd, common, pass_names=("fwd", "fwd+bwd"), note=""):
+        """Time ``fwd`` alone and with backward; record rows (an error is recorded, not raised)."""
+        q, k, v, do = common["_inputs"]
+        for pname in pass_names:
+            row = {f: common.get(f, "") for f in FIELDS}
+            row.update(method=method, **{"pass": pname}, note=note)
+            try:
+                if pname == "fwd":
+                    fn = lambda: fwd(q, k, v)  # noqa: E731
+                else:
+                    fn = lambda: torch.autograd.grad(fwd(q, k, v), (q, k, v), do)  # noqa: E731
+                row["ms"] = round(timer(fn), 4)
+                row["peak_mb"] = round(_peak_mb(torch, fn), 1)
+            except Exception as err:  # noqa: BLE001 - keep measuring the rest
+                row["ms"] = float("nan")
+                row["note"] = (note + " " if note else "") + f"error: {type(err).__name__}: {str(err)[:160]}"
+                torch.cuda.empty_cache()
+            rows.append(row)
+
+    for hd in head_dims:
+        heads = max(1, args.model_dim // hd)
+        for seq in seqs:
+            if time.time() - started > args.max_seconds:
+                truncated.append(f"hd={hd} seq={seq}")
+                continue
+            batch = max(1, args.tokens // seq)
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q, k, v, do = (torch.randn(batch, heads, seq, hd, device="cuda", dtype=dt, generator=g) for _ in range(4))
+            q, k, v = (x.requires_grad_() for x in (q, k, v))
+            dense_density = make_layout("dense", seq, bs, causal=True).density
+            base = {"seq": seq, "head_dim": hd, "batch": batch, "heads": heads, "block_size": bs,
+                    "causal": True, "_inputs": (q, k, v, do)}
+            # dense references
+            ref = dict(base, pattern="dense", params="{}", density=round(dense_density, 4), work_ratio=1.0)
+            if flash_attention is not None:
+                measure("flash_dense", lambda q, k, v: flash_attention(q, k, v, causal=True), ref)
+            measure("sdpa_causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), ref)
+            for name, params in patterns_for(seq, bs, quick):
+                layout = make_layout(name, seq, bs, causal=True, **params).to("cuda")
+                common = dict(base, pattern=name, params=json.dumps(params, sort_keys=True),
+                              density=round(layout.density, 4), work_ratio=round(dense_density / layout.density, 3))
+                measure("block_sparse", lambda q, k, v: block_sparse_attention(q, k, v, layout, causal=True), common)
+                try:
+                    bm = flex.block_mask(layout, causal=True)
+                    out_flex = flex(q, k, v, bm)  # compiles (first time per length) outside the guard
+                    torch.autograd.grad(out_flex, (q, k, v), do)
+                    out_ours = block_sparse_attention(q, k, v, layout, causal=True)
+                    err = (out_flex.float() - out_ours.float()).abs().max().item()
+                    with _compiled_guard(torch):
+                        measure("flex", lambda q, k, v: flex(q, k, v, bm), common, note=f"compiled; max|flex-ours|={err:.3g}")
+                    del bm, out_flex, out_ours
+                except Exception as err:  # noqa: BLE001
+                    for pname in ("fwd", "fwd+bwd"):
+                        rows.append({**{f: common.get(f, "") for f in FIELDS}, "method": "flex", "pass": pname,
+                                     "ms": float("nan"), "note": f"error: {type(err).__name__}: {str(err)[:160]}"})
+                if seq <= args.no_sdpa_mask_above:
+                    mask = layout.element_mask()  # (T, T) bool: the dense mask SDPA needs
+                    measure("sdpa_mask", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                            common, note=f"mask {mask.numel() / 2**20:.0f} MiB")
+                    del mask
+                torch.cuda.empty_cache()
+            write_partial()
+            del q, k, v, do
+            torch.cuda.empty_cache()
+
+    # NSA against the dense kernel
+    for seq in nsa_seqs:
+        if time.time() - started > args.max_seconds:
+            truncated.append(f"nsa seq={seq}")
+            continue
+        hd = 64
+        heads = max(1, args.model_dim // hd)
+        batch = max(1, args.tokens // seq)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, do = (torch.randn(batch, heads, seq, hd, device="cuda", dtype=dt, generator=g) for _ in range(4))
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        opts = {"block_size": 64, "top_n": 16, "window": 512}
+        common = {"seq": seq, "head_dim": hd, "batch": batch, "heads": heads, "block_size": 64, "causal": True,
+                  "pattern": "nsa", "params": json.dumps(opts, sort_keys=True), "_inputs": (q, k, v, do)}
+        measure("nsa", lambda q, k, v: nsa_attention(q, k, v, causal=True, **opts), common)
+        ref = dict(common, pattern="dense", params="{}", density=round(make_layout("dense", seq, 64, True).density, 4))
+        if flash_attention is not None:
+            measure("flash_dense", lambda q, k, v: flash_attention(q, k, v, causal=True), ref, note="nsa reference")
+        measure("sdpa_causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), ref,
+                note="nsa reference")
+        write_partial()
+        del q, k, v, do
+        torch.cuda.empty_cache()
+
+    graphs = torch._dynamo.utils.counters["stats"].get("unique_graphs", None)
+    summary = summarize(rows)
+    meta = {"provenance": prov, "gpu": gpu, "flash_dense_available": flash_attention is not None,
+            "flash_dense_error": flash_error, "truncated": truncated, "seconds": round(time.time() - started, 1),
+            "dynamo_unique_graphs": graphs, "block_sparse_tiles": autotune_choices(),
+            "summary": summary}
+    paths = _write(args.out_dir, gpu, rows, meta) if args.out_dir else {}
+    return {"metrics": summary, "provenance": prov, "files": paths, "truncated": truncated,
+            "flash_dense_available": flash_attention is not None}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Ratios within the run: ours vs FlexAttention, and vs the dense kernel against the work ratio."""
+    def ms(method, key, p):
+        for r in rows:
+            if r["method"] == method and (r["pattern"], r["params"], r["seq"], r["head_dim"]) == key and r["pass"] == p:
+                return r["ms"]
+        return None
+
+    def dense_ms(seq, hd, p):
+        for method in ("flash_dense", "sdpa_causal"):
+            for r in rows:
+                if (r["method"], r["pattern"], r["seq"], r["head_dim"], r["pass"]) == (method, "dense", seq, hd, p) \
+                        and r.get("note", "") == "" and _ok(r["ms"]):
+                    return method, r["ms"]
+        return None, None
+
+    cases = []
+    for r in rows:
+        if r["method"] != "block_sparse" or not _ok(r["ms"]):
+            continue
+        key = (r["pattern"], r["params"], r["seq"], r["head_dim"])
+        flex_ms = ms("flex", key, r["pass"])
+        dense_name, d_ms = dense_ms(r["seq"], r["head_dim"], r["pass"])
+        case = {"pattern": r["pattern"], "params": r["params"], "seq": r["seq"], "head_dim": r["head_dim"],
+                "pass": r["pass"], "density": r["density"], "work_ratio": r["work_ratio"], "ms": r["ms"],
+                "vs_flex": round(flex_ms / r["ms"], 3) if _ok(flex_ms) else None,
+                "dense": dense_name, "vs_dense": round(d_ms / r["ms"], 3) if _ok(d_ms) else None}
+        if case["vs_dense"] is not None:
+            case["vs_dense_over_work"] = round(case["vs_dense"] / r["work_ratio"], 3)
+        cases.append(case)
+    vs_flex = [c["vs_flex"] for c in cases if c["vs_flex"] is not None]
+    target = [c for c in cases if c["seq"] >= 16384 and c["density"] >= 0.10 and c.get("vs_dense_over_work") is not None
+              and c["pattern"] != "dense"]
+    out = {"cases": cases}
+    for p in ("fwd", "fwd+bwd"):
+        fl = [c["vs_flex"] for c in cases if c["pass"] == p and c["vs_flex"] is not None]
+        if fl:
+            out[f"vs_flex_{p}_min"] = min(fl)
+            out[f"vs_flex_{p}_geomean"] = round(math.exp(sum(math.log(x) for x in fl) / len(fl)), 3)
+            out[f"vs_flex_{p}_at_least_1"] = f"{sum(x >= 1.0 for x in fl)}/{len(fl)}"
+        tw = [c["vs_dense_over_work"] for c in target if c["pass"] == p]
+        if tw:
+            out[f"vs_dense_over_work_{p}_min"] = min(tw)
+            out[f"vs_dense_over_work_{p}_at_least_0.7"] = f"{sum(x >= 0.7 for x in tw)}/{len(tw)}"
+    if vs_flex:
+        out["vs_flex_all_min"] = min(vs_flex)
+    nsa = []
+    for r in rows:
+        if r["method"] != "nsa" or not _ok(r["ms"]):
+            continue
+        for ref in rows:
+            if ref["method"] in ("flash_dense", "sdpa_causal") and ref.get("note") == "nsa reference" \
+                    and (ref["seq"], ref["pass"]) == (r["seq"], r["pass"]) and _ok(ref["ms"]):
+                nsa.append({"seq": r["seq"], "pass": r["pass"], "ms": r["ms"], "dense": ref["method"],
+                            "dense_ms": ref["ms"], "speedup": round(ref["ms"] / r["ms"], 3)})
+    out["nsa"] = nsa
+    return out
+
+
+def _ok(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _write(out_dir: str, gpu: str, rows: list[dict], meta: dict) -> dict:
+    from lmcore.utils import atomic_write
+
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"sparse-{gpu_slug(gpu)}")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["gpu", *FIELDS], extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({"gpu": gpu, **r})
+    with atomic_write(stem + ".csv") as f:
+        f.write(buf.getvalue())
+    with atomic_write(stem + ".json") as f:
+        json.dump(meta, f, indent=1, sort_keys=True, default=str)
+    return {"csv": stem + ".csv", "json": stem + ".json"}
+
+
+def main(argv: list[str]) -> dict:
+    args = _parse(argv)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return {"skipped": "torch is not installed"}
+    if not torch.cuda.is_available():
+        from lmcore.bench import provenance
+
+        return {"skipped": "no CUDA GPU: the sparse benchmark measures GPU kernels only", "provenance": provenance()}
+    return run(args)

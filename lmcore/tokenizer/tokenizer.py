@@ -19,6 +19,9 @@ from lmcore.tokenizer import files
 from lmcore.tokenizer.patterns import CL100K_PATTERN, GPT2_PATTERN, resolve_pattern, special_splitter
 
 
+_NO_MERGE = (float("inf"), -1)  # the rank of a pair that is not a merge
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer.
 
@@ -96,17 +99,21 @@ class Tokenizer:
     # ------------------------------------------------------------------ BPE on one pre-token
     def _bpe_pairs(self, piece: bytes) -> list[int]:
         ids = [self._byte_ids[b] for b in piece]
-        ranks = self._pair_ranks
+        rank_of = self._pair_ranks.get
+        none = _NO_MERGE
         while len(ids) > 1:
-            best = None
-            for pair in zip(ids, ids[1:]):
-                found = ranks.get(pair)
-                if found is not None and (best is None or found[0] < best[1][0]):
-                    best = (pair, found)
-            if best is None:
+            pairs = list(zip(ids, ids[1:]))
+            ranks = [rank_of(pair, none) for pair in pairs]
+            best = min(ranks)  # (rank, merged id) of the earliest merge among the pairs
+            if best is none:
                 break
-            (a, b), (_, merged) = best
-            out, i, n = [], 0, len(ids)
+            i = ranks.index(best)
+            merged = best[1]
+            if ranks.count(best) == 1:  # the usual case: one occurrence
+                ids[i:i + 2] = [merged]
+                continue
+            a, b = pairs[i]
+            out, n = ids[:i], len(ids)
             while i < n:
                 if i + 1 < n and ids[i] == a and ids[i + 1] == b:
                     out.append(merged)

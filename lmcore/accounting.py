@@ -135,7 +135,9 @@ def memory_estimate(config: ModelConfig, batch: int, seq: int | None = None, dty
     casts = 2 * matmul_params if a == 2 else 0  # bf16 copies of the weights, held until backward uses them
     if checkpointing:  # blocks keep their inputs; one block is recomputed at a time during backward
         activations = c.n_layers * 4 * n * d + head + head_cast
-        recompute = weights + grads + opt + activations + layer + (casts - head_cast) // c.n_layers
+        # while a block is recomputed and differentiated, on average half the gradients exist and its
+        # backward needs about a third more than its saved activations in temporaries (measured)
+        recompute = weights + opt + grads // 2 + c.n_layers * 4 * n * d + (4 * layer) // 3
         backward_start = max(weights + opt + activations + logits, recompute)
     else:
         activations = c.n_layers * layer + head + casts

@@ -183,6 +183,11 @@ def launch(fn: Callable[..., Any], world_size: int = 2, *args: Any, backend: str
         raise ValueError(f"{fn.__name__} is defined in the notebook, which spawned processes cannot import; "
                          "move it into a module, or use backend='gloo' with start_method='fork'")
     grace = timeout + 10.0 if grace is None else grace
+    if method == "fork":
+        # Forked children inherit the parent's imports: load once here what torch imports lazily
+        # on first use (an optimizer's constructor imports torch._dynamo, seconds of work), so
+        # that each launch does not pay for it again in every child.
+        import torch._dynamo  # noqa: F401
     ctx = multiprocessing.get_context(method)
     port = free_port()
     procs, conns = [], []

@@ -35,16 +35,21 @@ def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, total_
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float, eps: float = 1e-6) -> float:
+def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float, eps: float = 1e-6) -> torch.Tensor:
     """Scale all gradients together so their global L2 norm is at most ``max_norm``.
 
-    Returns the norm before clipping.
+    Returns the norm before clipping as a 0-d tensor (reading it with ``float()`` waits for the GPU).
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
-        return 0.0
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        return torch.zeros(())
+    same_device = len({g.device for g in grads}) == 1
+    norms = torch._foreach_norm(grads) if same_device else [g.norm() for g in grads]
+    norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))  # sqrt of the sum of squares
     scale = torch.clamp(max_norm / (norm + eps), max=1.0)
-    for g in grads:
-        g.mul_(scale.to(g.dtype))
-    return norm.item()
+    if same_device:
+        torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+    else:
+        for g in grads:
+            g.mul_(scale.to(g.dtype))
+    return norm

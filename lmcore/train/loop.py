@@ -180,7 +180,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
                 loss = cross_entropy(forward(x), y) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
-        grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else float("nan")
+        grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         iteration = it + 1
@@ -188,7 +188,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             now = time.perf_counter()
-            record = log.log(iter=iteration, loss=loss_sum.item(), lr=lr, grad_norm=grad_norm,
+            record = log.log(iter=iteration, loss=loss_sum.item(), lr=lr,
+                             grad_norm=float(grad_norm) if grad_norm is not None else None,
                              tokens_per_s=(iteration - it_last) * tokens_per_iter / max(now - t_last, 1e-9),
                              memory_mb=_memory_mb(device))
             bar.set_postfix(loss=f"{record['loss']:.3f}")

@@ -132,6 +132,7 @@ def main(argv: list[str]) -> dict:
 
     special = "<|endoftext|>"
     metrics: dict = {}
+    load_before = list(os.getloadavg())  # other work on the machine makes timings noisy: say how busy it was
     with tempfile.TemporaryDirectory(prefix="lmcore-bench-bpe-") as tmp:
         text = builtin_corpus(int(size_mb * 1e6))
         corpus = os.path.join(tmp, "corpus.txt")
@@ -190,7 +191,8 @@ def main(argv: list[str]) -> dict:
     import tokenizers
 
     info = provenance()
-    info.update(tokenizers=tokenizers.__version__, tiktoken=tiktoken.__version__)
+    info.update(tokenizers=tokenizers.__version__, tiktoken=tiktoken.__version__,
+                load_average_before=load_before, load_average_after=list(os.getloadavg()))
     return {"metrics": metrics, "targets": {k: f"{op} {t}" for k, (op, t) in TARGETS.items()}, "met": met,
             "config": {"corpus": "builtin", "size_mb": size_mb, "vocab_size": vocab_size, "num_processes": procs,
                        "stream_mb": stream_mb, "repeats": repeats, "quick": args.quick},

@@ -5,6 +5,10 @@ fp32 tensors per parameter, twice the weights. Here the parameters are split int
 shards of about equal size; a rank steps only its shard (with gradients already averaged by a
 data-parallel wrapper) and then broadcasts the updated values, so every rank ends the step with
 the same full set of weights while holding ~1/world_size of the state.
+
+The broadcasts of all shards are done as one all-gather: at construction the parameters are
+moved into one flat buffer per dtype, laid out shard after shard (each padded to the same
+length), so that after the step every rank's shard is already in place to be gathered.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             local_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": mine})
         has_any = any(g["params"] for g in local_groups)
         self.optimizer = optimizer_cls(local_groups, **kwargs) if has_any else None
+        self._flat = self._flatten()
 
     def _assign_owners(self) -> dict:
         """Greedy balance: largest parameters first, each to the rank with the fewest elements so far."""
@@ -72,22 +77,40 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._broadcast_shards()
         return loss
 
+    @torch.no_grad()
+    def _flatten(self) -> list[tuple[torch.Tensor, int]]:
+        """Move the parameters into flat buffers, one per (dtype, device): rank 0's shard, then rank 1's...
+
+        Each parameter becomes a view into its buffer; returns (buffer, padded shard length) pairs.
+        """
+        keys: dict[tuple, list] = {}
+        for g in self.param_groups:
+            for p in g["params"]:
+                keys.setdefault((p.dtype, p.device), []).append(p)
+        flats = []
+        for (dtype, device), params in keys.items():
+            per_rank = [[p for p in params if self.owner[p] == r] for r in range(self.world_size)]
+            length = max(sum(p.numel() for p in ps) for ps in per_rank)  # every shard padded to this
+            flat = torch.zeros(self.world_size * length, dtype=dtype, device=device)  # (world * length,)
+            for r, ps in enumerate(per_rank):
+                offset = r * length
+                for p in ps:
+                    view = flat[offset : offset + p.numel()]
+                    view.copy_(p.detach().reshape(-1))
+                    p.data = view.view_as(p)  # the parameter now lives in the buffer
+                    offset += p.numel()
+            flats.append((flat, length))
+        return flats
+
     def _broadcast_shards(self) -> None:
-        """Each owner sends its updated shard, flattened into one message per (rank, dtype)."""
-        for r in range(self.world_size):
-            by_dtype: dict[torch.dtype, list] = {}
-            for p in self.shard(r):
-                by_dtype.setdefault(p.dtype, []).append(p)
-            src = dist.get_global_rank(self.process_group, r) if self.process_group else r
-            for dtype in sorted(by_dtype, key=str):
-                ps = by_dtype[dtype]
-                flat = torch.cat([p.detach().reshape(-1) for p in ps])  # (sum of numel,)
-                dist.broadcast(flat, src=src, group=self.process_group)
-                if r != self.rank:
-                    offset = 0
-                    for p in ps:
-                        p.copy_(flat[offset : offset + p.numel()].view_as(p))
-                        offset += p.numel()
+        """Send every rank's updated shard to every other rank: one all-gather per flat buffer."""
+        for flat, length in self._flat:
+            mine = flat[self.rank * length : (self.rank + 1) * length]  # this rank's shard, in place
+            if dist.get_backend(self.process_group) == "nccl":
+                dist.all_gather_into_tensor(flat, mine, group=self.process_group)
+            else:  # gloo: gather into views of the buffer
+                chunks = list(flat.chunk(self.world_size))
+                dist.all_gather(chunks, mine.clone(), group=self.process_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of every parameter, not only this rank's shard."""

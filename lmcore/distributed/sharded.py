@@ -44,6 +44,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             local_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": mine})
         has_any = any(g["params"] for g in local_groups)
         self.optimizer = optimizer_cls(local_groups, **kwargs) if has_any else None
+        if self.optimizer is not None:  # show the optimizer's own defaults (e.g. betas) in param_groups
+            for full, local in zip(self.param_groups, self.optimizer.param_groups):
+                for k, v in local.items():
+                    full.setdefault(k, v)
         self._flat = self._flatten()
 
     def _assign_owners(self) -> dict:
@@ -116,12 +120,63 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Clear the gradients of every parameter, not only this rank's shard."""
         super().zero_grad(set_to_none=set_to_none)
 
+    def _all_params(self) -> list:
+        return [p for g in self.param_groups for p in g["params"]]
+
     def state_dict(self) -> dict:
-        return self.optimizer.state_dict() if self.optimizer is not None else {}
+        """This rank's shard of the state, keyed like ``optimizer_cls``'s own state dict over *all*
+        parameters (so shards of different ranks merge into one; see ``full_state_dict``)."""
+        index = {id(p): i for i, p in enumerate(self._all_params())}
+        state = {}
+        if self.optimizer is not None:
+            local = self.optimizer.state_dict()
+            local_params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            state = {index[id(local_params[i])]: s for i, s in local["state"].items()}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]}
+                  for g in self.param_groups]
+        return {"state": state, "param_groups": groups}
+
+    def full_state_dict(self) -> dict:
+        """Every rank's shard merged: the state dict an unsharded ``optimizer_cls`` would have.
+
+        A collective: call it on every rank (e.g. before rank 0 writes a checkpoint).
+        """
+        mine = self.state_dict()
+        cpu_state = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in mine["state"].items()}
+        every: list = [None] * self.world_size
+        dist.all_gather_object(every, cpu_state, group=self.process_group)
+        merged = {}
+        for part in every:
+            merged.update(part)
+        return {"state": dict(sorted(merged.items())), "param_groups": mine["param_groups"]}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(state_dict)
+        """Load a full (``full_state_dict``, or an unsharded optimizer's) or this rank's sharded state dict."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups) or any(
+                len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)):
+            raise ValueError("optimizer state dict does not match: expected "
+                             f"{[len(g['params']) for g in self.param_groups]} parameters per group, "
+                             f"got {[len(g['params']) for g in groups]}")
+        for full, saved in zip(self.param_groups, groups):
+            full.update({k: v for k, v in saved.items() if k != "params"})
+        if self.optimizer is None:
+            return
+        all_params = self._all_params()
+        position = {id(p): i for i, p in enumerate(all_params)}
+        saved_index = [i for g in groups for i in g["params"]]  # position -> key in the saved state
+        local_state, local_groups, k = {}, [], 0
+        for full, local in zip(self.param_groups, self.optimizer.param_groups):
+            ids = []
+            for p in local["params"]:
+                key = saved_index[position[id(p)]]
+                if key in state_dict["state"]:
+                    local_state[k] = state_dict["state"][key]
+                ids.append(k)
+                k += 1
+            local_groups.append({**{n: v for n, v in local.items() if n != "params"},
+                                 **{n: v for n, v in full.items() if n != "params"}, "params": ids})
+        self.optimizer.load_state_dict({"state": local_state, "param_groups": local_groups})
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held by this rank."""

@@ -244,3 +244,53 @@ def test_bad_arguments_raise_clear_errors():
         NaiveDDP(TiedToy())
     with pytest.raises(ValueError, match="ddp kind 'fast'"):
         wrap_model(TiedToy(), "fast")
+
+
+def sharded_checkpoint_and_groups(rank, world, optimizer_cls, steps=4):
+    """Two parameter groups, a learning-rate change, and a save/restore of the merged state."""
+    torch.manual_seed(11)
+    model = TiedToy()
+    torch.manual_seed(11)
+    reference = TiedToy()
+
+    def groups(m):
+        return [{"params": [p for p in m.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+                {"params": [p for p in m.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+
+    ddp = BucketedDDP(model, bucket_size_mb=0.001)
+    opt = ShardedOptimizer(groups(model), optimizer_cls, lr=1e-2)
+    ref_opt = optimizer_cls(groups(reference), lr=1e-2)
+    half = BATCH // world
+    for i, (x, y) in enumerate(batches(2 * steps, seed=5)):
+        if i == steps:  # restart from the merged state, as a resumed run would
+            saved = opt.full_state_dict()
+            opt = ShardedOptimizer(groups(model), optimizer_cls, lr=1.0)
+            opt.load_state_dict(saved)
+        for o in (opt, ref_opt):  # a schedule changing the learning rate
+            for g in o.param_groups:
+                g["lr"] = 1e-2 / (1 + i)
+        loss_of(ddp, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]).backward()
+        sync_gradients(ddp)
+        opt.step()
+        opt.zero_grad()
+        loss_of(reference, x, y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    full, ref_state = opt.full_state_dict(), ref_opt.state_dict()
+    return {"gap": max((p - q).abs().max().item() for p, q in zip(model.parameters(), reference.parameters())),
+            "same_keys": sorted(full["state"]) == sorted(ref_state["state"]),
+            "state_gap": max((full["state"][i]["exp_avg"] - ref_state["state"][i]["exp_avg"]).abs().max().item()
+                             for i in ref_state["state"])}
+
+
+def _lmcore_adamw():
+    return pytest.importorskip("lmcore.train.optim").AdamW
+
+
+@pytest.mark.parametrize("which", ["torch", "lmcore"])
+def test_sharded_optimizer_groups_schedules_and_checkpoints(which):
+    optimizer_cls = torch.optim.AdamW if which == "torch" else _lmcore_adamw()
+    for r in launch(sharded_checkpoint_and_groups, 2, optimizer_cls, timeout=30):
+        assert r["gap"] < 1e-5
+        assert r["same_keys"]
+        assert r["state_gap"] < 1e-6

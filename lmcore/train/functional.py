@@ -53,3 +53,14 @@ def clip_grad_norm(parameters: Iterable[torch.nn.Parameter], max_norm: float, ep
         for g in grads:
             g.mul_(scale.to(g.dtype))
     return norm
+
+
+def unigram_cross_entropy(train_tokens, val_tokens, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) on ``val_tokens`` of a model that ignores context: token
+    frequencies counted on ``train_tokens`` (add-one smoothed). The baseline a language model
+    must beat."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64) + 1
+    logp = np.log(counts / counts.sum())
+    return float(-logp[np.asarray(val_tokens, dtype=np.int64)].mean())

@@ -16,9 +16,11 @@ import regex
 
 from lmcore.tokenizer.patterns import CL100K_PATTERN, GPT2_PATTERN, special_splitter, split_on_specials
 
-#: Without special tokens, the two built-in patterns can safely be cut after a newline that is
-#: followed by an ASCII letter or digit: no pre-token of theirs spans such a point.
-_NEWLINE_CUT = regex.compile(rb"\n(?=[A-Za-z0-9])")
+#: Without special tokens, the two built-in patterns can safely be cut just before a space that
+#: follows a printable ASCII character and precedes an ASCII letter (``x| word``): the space always
+#: starts the next pre-token, and nothing before it looks past it. (A cut after a whitespace run
+#: would not be safe: at the end of a chunk, ``\s+(?!\S)`` would take the whole run.)
+_SAFE_CUT = regex.compile(rb"[!-~](?= [A-Za-z])")
 _SAFE_NEWLINE_PATTERNS = (GPT2_PATTERN, CL100K_PATTERN)
 
 _compiled: dict = {}
@@ -63,7 +65,7 @@ def chunk_boundaries(path: str, num_chunks: int, specials=(), pattern: str = GPT
     """Byte offsets ``[0, ..., size]`` cutting ``path`` into about ``num_chunks`` pieces.
 
     Each cut is moved forward to the start of the next special token (or, without special tokens
-    and with a built-in pattern, to just after a newline followed by a letter or digit), so every
+    and with a built-in pattern, to a space between a printable ASCII character and a letter), so every
     chunk pre-tokenizes exactly as it would inside the whole file. Cuts that find no such point
     merge into the next chunk.
     """
@@ -74,7 +76,7 @@ def chunk_boundaries(path: str, num_chunks: int, specials=(), pattern: str = GPT
         finder = regex.compile(b"|".join(regex.escape(s.encode("utf-8")) for s in specials))
         shift = 0
     elif pattern in _SAFE_NEWLINE_PATTERNS:
-        finder, shift = _NEWLINE_CUT, 1
+        finder, shift = _SAFE_CUT, 1
     else:
         return [0, size]
     longest = max((len(s.encode("utf-8")) for s in specials), default=1)
@@ -188,7 +190,7 @@ def _stable_batches(texts, batch_chars, pattern, specials):
     if specials:
         finder = special_splitter(specials)
     elif pattern in _SAFE_NEWLINE_PATTERNS:
-        finder = regex.compile(r"(?<=\n)(?=[A-Za-z0-9])")
+        finder = regex.compile(r"(?<=[!-~])(?= [A-Za-z])")
     else:
         yield "".join(_batches(texts, batch_chars))
         return

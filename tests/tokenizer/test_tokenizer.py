@@ -159,3 +159,20 @@ def test_training_errors(tmp_path):
         train_bpe(["abc"], 300, pattern="(unclosed")
     with pytest.raises(ValueError, match="given twice"):
         train_bpe(["abc"], 300, special_tokens=["<a>", "<a>"])
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "cl100k"])
+def test_encode_iterable_on_random_awkward_text(pattern):
+    alphabet = list("ab Z9.'!\n\r\t ") + ["\u00a0", "é", "½", "🙂", "'s", "'ll", "'LL", "  ", "\n\n",
+                                             "<|e", "<|eot|>", "|>"]
+    tok = train_bpe(["ab ab Z9 'll 'LL aa bb é 🙂 <|eot|> x x"], 290, special_tokens=["<|eot|>", "<|eot|><|eot|>"],
+                    pattern=pattern)
+    rng = random.Random(2)
+    for _ in range(400):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+        pieces, i = [], 0
+        while i < len(text):
+            step = rng.randint(1, 5)
+            pieces.append(text[i:i + step])
+            i += step
+        assert list(tok.encode_iterable(iter(pieces), block_chars=rng.randint(1, 8))) == tok.encode(text), text

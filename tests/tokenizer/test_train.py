@@ -121,3 +121,35 @@ def test_merging_stops_when_no_pair_is_left():
     tok = train_bpe(["ab ab ab"], 1000)
     assert tok.merges == [(b"a", b"b"), (b" ", b"ab")]
     assert tok.vocab_size == 258
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "cl100k"])
+def test_without_special_tokens_chunks_are_cut_before_a_space(tmp_path, story_text, pattern):
+    from lmcore.tokenizer.patterns import resolve_pattern
+    from lmcore.tokenizer.pretokenize import chunk_boundaries, count_file, count_text
+
+    text = story_text.replace("<|endoftext|>", "\r\n  \n")  # no special tokens, awkward whitespace
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(text.encode())
+    regex_ = resolve_pattern(pattern)
+    cuts = chunk_boundaries(str(path), 9, (), regex_)
+    data = text.encode()
+    assert len(cuts) > 3 and all(data[c:c + 1] == b" " and 0x21 <= data[c - 1] <= 0x7E for c in cuts[1:-1])
+    assert count_file(path, regex_, (), num_processes=2, chunk_bytes=3000) == count_text(text, regex_)
+
+
+def test_safe_cut_points_do_not_change_pre_tokens():
+    # random strings of awkward characters: cutting at every safe point keeps the pre-tokens
+    from lmcore.tokenizer.patterns import CL100K_PATTERN
+    from lmcore.tokenizer.pretokenize import _SAFE_CUT
+
+    alphabet = list("ab Z9.'!\n\r\t ") + ["\u00a0", "é", "½", "🙂", "'s", "'ll", " x", "  ", "\n\n"]
+    rng = random.Random(1)
+    for pattern in (GPT2_PATTERN, CL100K_PATTERN):
+        compiled = regex.compile(pattern)
+        for _ in range(1500):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 25)))
+            data = text.encode()
+            for match in _SAFE_CUT.finditer(data):
+                cut = len(data[:match.start() + 1].decode())
+                assert compiled.findall(text[:cut]) + compiled.findall(text[cut:]) == compiled.findall(text)

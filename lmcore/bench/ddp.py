@@ -224,8 +224,12 @@ def _measure(cfg: BenchConfig, model_name, kind, bucket_mb, sharded, rank, devic
               "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")}
     timeline = None
     if cfg.profile and cuda:
-        split, timeline = _profile(step, device)
-        result.update(split)
+        try:
+            split, timeline = _profile(step, device)
+            result.update(split)
+        except Exception as err:  # noqa: BLE001 - keep the timing when the profiler is unavailable
+            result["profile_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            split, timeline = {}, None
         wanted = (model_name == cfg.models[0] and kind in cfg.timeline_kinds and not sharded
                   and bucket_mb in (None, cfg.torch_bucket_sizes[0]))
         timeline = timeline if wanted else None

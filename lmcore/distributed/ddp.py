@@ -212,11 +212,7 @@ class BucketedDDP(_DataParallel):
             offset = 0
             for p in self.buckets[i]:  # unflatten: each gradient becomes its slice of the average
                 n = p.numel()
-                view = flat[offset : offset + n].view_as(p)
-                if p.grad is None:
-                    p.grad = view.clone()
-                else:
-                    p.grad.copy_(view)
+                p.grad = flat[offset : offset + n].view_as(p)  # a view: no copy back
                 offset += n
         self._pending.clear()
         self._ready = [0] * len(self.buckets)

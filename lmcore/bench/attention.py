@@ -179,6 +179,15 @@ def _ratios(rows) -> dict:
     return out
 
 
+def _write_csv(path, rows):
+    from lmcore.utils import atomic_write
+
+    with atomic_write(path) as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main(argv: list[str]) -> dict:
     args = _parse(argv)
     import torch
@@ -191,19 +200,30 @@ def main(argv: list[str]) -> dict:
     from lmcore.bench import provenance
     from lmcore.kernels.flash_triton import autotune_choices
 
+    shown = ["book/results" if i and argv[i - 1] == "--out-dir" else a for i, a in enumerate(argv)]
+    command = " ".join(["python -m lmcore.bench attention", *shown])
     flags = {"both": (True, False), "yes": (True,), "no": (False,)}[args.causal]
     correctness = {} if args.skip_check else {
         f"d{d}_causal{int(c)}": _gpu_correctness(d, c) for d in args.head_dims for c in flags}
     print("correctness (relative error vs SDPA in fp32):", json.dumps(correctness), flush=True)
     rows = []
-    for d in args.head_dims:
-        for causal in flags:
+    gpu = torch.cuda.get_device_name()
+    out_dir, stem = Path(args.out_dir), f"attention-{_gpu_slug(gpu)}"
+    if not args.no_write:  # provenance first, completed at the end
+        from lmcore.utils import atomic_write
+
+        with atomic_write(out_dir / f"{stem}.json") as f:
+            json.dump({"provenance": provenance(command), "partial": True, "correctness_rel_err": correctness}, f, indent=1)
+    for causal in flags:  # causal first: the rows the targets are about
+        for d in args.head_dims:
             for t in args.seqs:
                 b, h = max(1, args.tokens // t), max(1, args.width // d)
                 for backward in (False, True):
                     for impl in args.impls:
                         row = _measure(impl, b, h, t, d, causal, backward, args)
                         rows.append(row)
+                        if not args.no_write:  # rewrite as we go, so a cut-short run keeps its rows
+                            _write_csv(out_dir / f"{stem}.csv", rows)
                         if args.show_tuning and impl == "triton":
                             from lmcore.kernels.flash_triton import last_tuning_timings
 
@@ -214,22 +234,16 @@ def main(argv: list[str]) -> dict:
                               f"{row['status']:8s} {row['ms']!s:>9s} ms {row['tflops']!s:>7s} TFLOP/s "
                               f"{row['peak_mem_mb']!s:>9s} MB", flush=True)
     ratios = _ratios(rows)
-    gpu = torch.cuda.get_device_name()
     result = {"metrics": {"ratios": ratios, "min_ratio_vs_cudnn_fwd": min((v for k, v in ratios.items() if k.startswith("fwd_sdpa_cudnn")), default=None),
                           "min_ratio_vs_cudnn_fwdbwd": min((v for k, v in ratios.items() if k.startswith("fwd+bwd_sdpa_cudnn")), default=None),
                           "correctness_rel_err": correctness},
-              "provenance": provenance(), "autotune": autotune_choices(), "rows": len(rows),
+              "provenance": provenance(command), "autotune": autotune_choices(), "rows": len(rows),
               "settings": {"tokens": args.tokens, "width": args.width, "dtype": "bf16", "timer": "triton.testing.do_bench median",
                            "rep_ms": args.rep}}
     if not args.no_write:
         from lmcore.utils import atomic_write
 
-        out_dir = Path(args.out_dir)
-        stem = f"attention-{_gpu_slug(gpu)}"
-        with atomic_write(out_dir / f"{stem}.csv") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        _write_csv(out_dir / f"{stem}.csv", rows)
         with atomic_write(out_dir / f"{stem}.json") as f:
             json.dump(result, f, indent=1, sort_keys=True, default=str)
         result["files"] = [str(out_dir / f"{stem}.csv"), str(out_dir / f"{stem}.json")]

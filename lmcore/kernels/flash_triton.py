@@ -37,63 +37,71 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
 
 # ----------------------------------------------------------------------------- configurations
-def _cfg(num_warps, num_stages, **blocks):
-    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
-
-
-def _tuned(configs):
-    return configs[:1] if os.environ.get(TUNE_ENV) == "first" else configs
-
-
 def _bench(kernel_call, quantiles):
     """Time one candidate configuration while autotuning (shorter than Triton's default)."""
     return triton.testing.do_bench(kernel_call, warmup=10, rep=40, quantiles=quantiles)
 
 
-def _fwd_configs():
-    if INTERPRET:
-        return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=16)]
-    if os.environ.get(TUNE_ENV) == "wide":
-        return ([_cfg(w, s, BLOCK_M=128, BLOCK_N=bn) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)]
-                + [_cfg(4, s, BLOCK_M=64, BLOCK_N=64) for s in (3, 4)])
-    return [_cfg(4, 3, BLOCK_M=128, BLOCK_N=64), _cfg(8, 3, BLOCK_M=128, BLOCK_N=64),
-            _cfg(8, 3, BLOCK_M=128, BLOCK_N=128), _cfg(8, 2, BLOCK_M=128, BLOCK_N=128),
-            _cfg(4, 4, BLOCK_M=128, BLOCK_N=64), _cfg(4, 3, BLOCK_M=64, BLOCK_N=64)]
+# Candidates per kernel and head-dim class, from a sweep on an H100 (``LMCORE_FLASH_TUNE=wide``
+# times a larger grid; see lmcore/kernels/NOTES.md). Entries are (BLOCK_M, BLOCK_N, warps, stages).
+_CANDIDATES = {
+    "fwd": {"small": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)],
+            "large": [(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)],
+            "fp32": [(64, 32, 4, 2)]},
+    "dkdv": {"small": [(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
+             "large": [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3)],
+             "fp32": [(32, 64, 4, 2)]},
+    "dq": {"small": [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+           "large": [(128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+           "fp32": [(64, 32, 4, 2)]},
+}
+_BLOCK_NAMES = {"fwd": ("BLOCK_M", "BLOCK_N"), "dkdv": ("BLOCK_M1", "BLOCK_N1"), "dq": ("BLOCK_M2", "BLOCK_N2")}
+_INTERPRET_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
 
-def _dkdv_configs():
-    if INTERPRET:
-        return [_cfg(4, 1, BLOCK_M1=16, BLOCK_N1=32)]
-    if os.environ.get(TUNE_ENV) == "wide":
-        return [_cfg(w, s, BLOCK_M1=bm, BLOCK_N1=bn) for bm in (32, 64) for bn in (64, 128)
-                for w in (4, 8) for s in (2, 3)]
-    return [_cfg(4, 3, BLOCK_M1=32, BLOCK_N1=128), _cfg(8, 3, BLOCK_M1=32, BLOCK_N1=128),
-            _cfg(4, 2, BLOCK_M1=64, BLOCK_N1=128), _cfg(8, 2, BLOCK_M1=64, BLOCK_N1=128),
-            _cfg(4, 3, BLOCK_M1=32, BLOCK_N1=64)]
+def _as_config(kind, entry):
+    bm, bn, warps, stages = entry
+    m, n = _BLOCK_NAMES[kind]
+    return triton.Config({m: bm, n: bn}, num_warps=warps, num_stages=stages)
 
 
-def _dq_configs():
-    if INTERPRET:
-        return [_cfg(4, 1, BLOCK_M2=32, BLOCK_N2=16)]
-    if os.environ.get(TUNE_ENV) == "wide":
-        return [_cfg(w, s, BLOCK_M2=bm, BLOCK_N2=bn) for bm in (64, 128) for bn in (32, 64)
-                for w in (4, 8) for s in (2, 3)]
-    return [_cfg(4, 3, BLOCK_M2=128, BLOCK_N2=32), _cfg(8, 3, BLOCK_M2=128, BLOCK_N2=32),
-            _cfg(4, 2, BLOCK_M2=128, BLOCK_N2=64), _cfg(8, 2, BLOCK_M2=128, BLOCK_N2=64),
-            _cfg(4, 3, BLOCK_M2=64, BLOCK_N2=32)]
+def _configs(kind):
+    """Every candidate configuration of one kernel (the pruner keeps those of the head-dim class)."""
+    if INTERPRET:  # one small configuration: no autotuning through the (slow) interpreter
+        return [_as_config(kind, (*_INTERPRET_BLOCKS[kind], 4, 1))]
+    mode = os.environ.get(TUNE_ENV)
+    if mode == "wide":
+        m_sizes, n_sizes = {"fwd": ((64, 128), (64, 128)), "dkdv": ((32, 64), (64, 128)),
+                            "dq": ((64, 128), (32, 64))}[kind]
+        return [_as_config(kind, (bm, bn, w, st)) for bm in m_sizes for bn in n_sizes
+                for w in (4, 8) for st in (2, 3, 4)
+                if (bm % bn == 0 if kind != "dkdv" else bn % bm == 0)]
+    seen, out = set(), []
+    for group in _CANDIDATES[kind].values():
+        for entry in group:
+            if entry not in seen:
+                seen.add(entry)
+                out.append(_as_config(kind, entry))
+    return out[:1] if mode == "first" else out
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop configurations that cannot fit: 128-wide tiles of fp32 at head dim 128 spill badly."""
-    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
-    fp32 = named_args["Q"].dtype == torch.float32
-    kept = []
-    for c in configs:
-        tile = max(v for k, v in c.kwargs.items() if k.startswith("BLOCK"))
-        if fp32 and head_dim >= 128 and tile > 64 and c.num_stages > 2:
-            continue
-        kept.append(c)
-    return kept or configs[:1]
+def _pruner(kind):
+    """Keep the candidates of the head-dim class (and float32) of the call being tuned."""
+
+    def prune(configs, named_args, **kwargs):
+        if INTERPRET or os.environ.get(TUNE_ENV) in ("wide", "first"):
+            return configs
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
+        if named_args["Q"].dtype == torch.float32:
+            group = "fp32"
+        else:
+            group = "small" if head_dim <= 64 else "large"
+        wanted = [_as_config(kind, e) for e in _CANDIDATES[kind][group]]
+        keys = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in wanted}
+        kept = [c for c in configs if (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) in keys]
+        return kept or configs[:1]
+
+    return prune
 
 
 _KEY = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET"]
@@ -153,8 +161,8 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo,
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_tuned(_fwd_configs()), key=_KEY, do_bench=_bench,
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs("fwd"), key=_KEY, do_bench=_bench,
+                 prune_configs_by={"early_config_prune": _pruner("fwd")})
 @triton.jit
 def _fwd_kernel(Q, K, V, O, L,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
@@ -248,8 +256,8 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d, lo, hi,
     return dk, dv
 
 
-@triton.autotune(configs=_tuned(_dkdv_configs()), key=_KEY, do_bench=_bench,
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs("dkdv"), key=_KEY, do_bench=_bench,
+                 prune_configs_by={"early_config_prune": _pruner("dkdv")})
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, Delta,
                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
@@ -317,8 +325,8 @@ def _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, lo, hi, t_k
     return dq
 
 
-@triton.autotune(configs=_tuned(_dq_configs()), key=_KEY, do_bench=_bench,
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs("dq"), key=_KEY, do_bench=_bench,
+                 prune_configs_by={"early_config_prune": _pruner("dq")})
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, L, Delta,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgqb, sgqh, sgqt,

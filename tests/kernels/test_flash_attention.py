@@ -122,12 +122,13 @@ def test_flop_count():
 
 
 # ----------------------------------------------------------------------------- real sizes, GPU
+GPU_CASES = ([(t, d, c, torch.bfloat16) for t in (1024, 1000) for d in (64, 128) for c in (False, True)]
+             + [(1000, d, True, dt) for d in (64, 128) for dt in (torch.float16, torch.float32)])
+
+
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("t", [1024, 1000])
+@pytest.mark.parametrize("t,d,causal,dtype", GPU_CASES)
 def test_matches_reference_gpu_sizes(t, d, causal, dtype):
     tol = 1e-3 if dtype == torch.float32 else 2e-2
     _check(flash_attention, 2, 4, t, t, d, causal, dtype, "cuda", tol=tol)

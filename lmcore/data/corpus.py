@@ -36,7 +36,7 @@ def load_corpus(name_or_path: str | os.PathLike = "builtin", size: int | None = 
     - ``"builtin"``: the generated stories (:mod:`lmcore.data.stories`), ``size`` bytes (default 1 MB).
     - ``"stdlib-docs"``: the docstrings of the Python standard library installed here.
     - ``"tinystories"`` / ``"wikitext-2"``: the data set through ``datasets`` (downloaded once into
-      its cache). ``data_files`` replaces the hub repository with local files of the same layout
+      its cache; with ``size``, streamed, so only about ``size`` bytes are fetched). ``data_files`` replaces the hub repository with local files of the same layout
       (parquet, json/jsonl, csv or text), read by the same code.
     - anything else: a local UTF-8 text file.
 
@@ -101,15 +101,20 @@ def _load_hub(spec: HubCorpus, split: str, data_files, cache_dir, size: int | No
         args = dict(path=_LOCAL_BUILDERS[suffix], data_files=data_files)
     else:
         args = dict(path=spec.path, name=spec.name)
-    dataset = datasets.load_dataset(**args, split=split, cache_dir=cache_dir)
-    if spec.text_field not in dataset.column_names:
-        raise ValueError(f"{spec.path}: no column {spec.text_field!r}; columns are {dataset.column_names}")
+    # With a size, stream the records: only as much as needed is downloaded (or read).
+    dataset = datasets.load_dataset(**args, split=split, cache_dir=cache_dir, streaming=size is not None)
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:  # some streamed data sets only know their columns after the first record
+        first = next(iter(dataset), {})
+        columns = list(first)
+    if spec.text_field not in columns:
+        raise ValueError(f"{spec.path}: no column {spec.text_field!r}; columns are {columns}")
     parts, total = [], 0
     for record in dataset:
         text = record[spec.text_field] + spec.separator
         parts.append(text)
         total += len(text)
-        if size is not None and total >= size:  # characters >= bytes / 4: enough once chars >= size
+        if size is not None and total >= size:  # each character is at least one byte: enough
             break
     return "".join(parts)
 

@@ -82,3 +82,16 @@ def test_wikitext_loader_on_local_json_and_text(tmp_path, offline):
     assert load_corpus("wikitext-2", data_files=str(text_file), cache_dir=str(offline), size=8) == "line one"
     with pytest.raises(ValueError, match="expected one of"):
         load_corpus("wikitext-2", data_files=str(tmp_path / "wiki.xml"))
+
+
+def test_hub_loader_streams_with_a_size_and_checks_the_column(tmp_path, offline):
+    import pandas as pd
+
+    path = tmp_path / "train.parquet"
+    pd.DataFrame({"text": [f"story {i}" for i in range(100)]}).to_parquet(path)
+    text = load_corpus("tinystories", data_files=str(path), cache_dir=str(offline), size=30)
+    assert text == f"story 0{END_OF_TEXT}story 1{END_OF_TEXT}"[:30]
+    other = tmp_path / "other.parquet"
+    pd.DataFrame({"body": ["x"]}).to_parquet(other)
+    with pytest.raises(ValueError, match="no column 'text'"):
+        load_corpus("tinystories", data_files=str(other), cache_dir=str(offline), size=10)

@@ -11,6 +11,7 @@ Two ways to apply merges, both exact for the files they come from:
 from __future__ import annotations
 
 import os
+from itertools import repeat
 from typing import Iterable, Iterator
 
 import regex
@@ -70,6 +71,7 @@ class Tokenizer:
             raise ValueError(f"the vocab lacks single bytes {missing[:8]}{'...' if len(missing) > 8 else ''}; "
                              "a byte-level vocab must hold all 256")
         self._byte_ids = [self._ids[bytes([b])] for b in range(256)]
+        self._identity_bytes = self._byte_ids == list(range(256))  # byte b has id b (lmcore's layout)
         self.merges: list[tuple[bytes, bytes]] = [(bytes(a), bytes(b)) for a, b in merges]
         self._pair_ranks: dict[tuple[int, int], tuple[int, int]] = {}
         for rank, (a, b) in enumerate(self.merges):
@@ -98,21 +100,19 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ BPE on one pre-token
     def _bpe_pairs(self, piece: bytes) -> list[int]:
-        ids = [self._byte_ids[b] for b in piece]
+        ids = list(piece) if self._identity_bytes else [self._byte_ids[b] for b in piece]
         rank_of = self._pair_ranks.get
         none = _NO_MERGE
         while len(ids) > 1:
-            pairs = list(zip(ids, ids[1:]))
-            ranks = [rank_of(pair, none) for pair in pairs]
-            best = min(ranks)  # (rank, merged id) of the earliest merge among the pairs
+            ranks = list(map(rank_of, zip(ids, ids[1:]), repeat(none)))  # (rank, merged id) per pair
+            best = min(ranks)  # the earliest merge among the pairs
             if best is none:
                 break
             i = ranks.index(best)
-            merged = best[1]
             if ranks.count(best) == 1:  # the usual case: one occurrence
-                ids[i:i + 2] = [merged]
+                ids[i:i + 2] = [best[1]]
                 continue
-            a, b = pairs[i]
+            a, b, merged = ids[i], ids[i + 1], best[1]
             out, n = ids[:i], len(ids)
             while i < n:
                 if i + 1 < n and ids[i] == a and ids[i + 1] == b:

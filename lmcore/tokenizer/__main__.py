@@ -49,6 +49,23 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
+def _encode_stream(tok, source: str, target: str) -> None:
+    """Encode a file of any size with ``encode_iterable``, writing ids as they come."""
+    from contextlib import nullcontext
+    from itertools import islice
+
+    from lmcore.utils import atomic_write
+
+    infile = sys.stdin if source == "-" else open(source, encoding="utf-8")
+    with infile, (nullcontext(sys.stdout) if target == "-" else atomic_write(target)) as out:
+        ids = tok.encode_iterable(infile)
+        first = True
+        while batch := list(islice(ids, 1 << 16)):
+            out.write(("" if first else " ") + " ".join(map(str, batch)))
+            first = False
+        out.write("\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from lmcore.tokenizer import Tokenizer, train_bpe
@@ -63,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         elif args.command == "encode":
             tok = Tokenizer.load(args.tokenizer)
-            _write(args.out, " ".join(map(str, tok.encode(_read(args.input)))) + "\n")
+            _encode_stream(tok, args.input, args.out)
         else:
             tok = Tokenizer.load(args.tokenizer)
             text = _read(args.input).split()

@@ -227,6 +227,7 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """The text of ``ids``; byte sequences that are not valid UTF-8 become U+FFFD."""
         vocab = self.vocab
+        ids = ids if isinstance(ids, (list, tuple)) else list(ids)
         try:
             data = b"".join([vocab[i] for i in ids])
         except (KeyError, TypeError):

@@ -46,6 +46,9 @@ def test_decode_rejects_out_of_range_ids(story_tokenizer):
         story_tokenizer.decode([1, 99999])
     with pytest.raises(ValueError, match="-1"):
         story_tokenizer.decode([-1])
+    with pytest.raises(ValueError, match="token id 'x'"):
+        story_tokenizer.decode(iter([1, "x"]))  # a generator is read once
+    assert story_tokenizer.decode(iter(story_tokenizer.encode("abc"))) == "abc"
 
 
 def test_encode_rejects_non_text(story_tokenizer):

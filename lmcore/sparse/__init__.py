@@ -34,10 +34,14 @@ def _cached_layout(pattern: str, seq_len: int, block_size: int, causal: bool, pa
 
 
 @register_attention_backend("block_sparse")
-def block_sparse_backend(q, k, v, causal: bool = True, pattern: str = "local", block_size: int = 64, **params):
-    """Attention backend: ``pattern`` with ``params`` (e.g. ``window=128``) at ``block_size``."""
+def block_sparse_backend(q, k, v, causal: bool = True, pattern: str = "local", block_size: int = 64,
+                         impl: str = "auto", **params):
+    """Attention backend: ``pattern`` with ``params`` (e.g. ``window=128``) at ``block_size``.
+
+    ``impl`` as in :func:`block_sparse_attention` (``"torch"`` trains on a CPU without Triton).
+    """
     layout = _cached_layout(pattern, q.shape[-2], block_size, bool(causal), tuple(sorted(params.items())))
-    return block_sparse_attention(q, k, v, layout, causal=causal)
+    return block_sparse_attention(q, k, v, layout, causal=causal, impl=impl)
 
 
 @register_attention_backend("nsa")

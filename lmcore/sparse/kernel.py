@@ -124,7 +124,7 @@ if triton is not None:
                     H, T, qk_scale, window, stride_lb, stride_lh, MAX_ROW,
                     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-        pid_m = tl.program_id(0)
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # late (causally heavy) query tiles first
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -208,7 +208,7 @@ if triton is not None:
                        H, T, qk_scale, sm_scale, window, stride_lb, stride_lh, MAX_ROW,
                        BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-        pid_m = tl.program_id(0)
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # late (causally heavy) query tiles first
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H

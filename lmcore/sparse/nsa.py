@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -79,6 +80,12 @@ def select_blocks(p_cmp: torch.Tensor, seq_len: int, block_size: int, top_n: int
     return layout
 
 
+@lru_cache(maxsize=32)
+def _sliding(seq_len: int, block_size: int, window: int, causal: bool) -> BlockLayout:
+    """The sliding-window layout, built (and indexed) once per shape."""
+    return local(seq_len, block_size, window, causal=causal)
+
+
 def nsa_attention(q, k, v, causal: bool = True, block_size: int = 32, top_n: int = 4, window: int = 64,
                   gates: torch.Tensor | None = None, k_cmp: torch.Tensor | None = None,
                   v_cmp: torch.Tensor | None = None, impl: str = "kernel", scale: float | None = None):
@@ -87,14 +94,15 @@ def nsa_attention(q, k, v, causal: bool = True, block_size: int = 32, top_n: int
     ``gates`` (B, H, T, 3) weigh the compressed, selected and window branches (default 1/3 each);
     ``k_cmp, v_cmp`` (B, H, T // block_size, D) are the compressed keys and values (default: block
     means). ``impl="torch"`` computes the selected and window branches as dense masked attention
-    (readable, T x T work); ``"kernel"`` runs them through :func:`block_sparse_attention`.
+    (readable, T x T work); ``"kernel"`` runs them through :func:`block_sparse_attention` (Triton
+    on a GPU); ``"gather"`` through its PyTorch version, which also skips the unselected blocks.
     """
     B, H, T, D = q.shape
     _check_int("block_size", block_size, 1, T)
     _check_int("top_n", top_n, 1)
     _check_int("window", window, 1)
-    if impl not in ("kernel", "torch"):
-        raise ValueError(f"impl={impl!r}; expected 'kernel' or 'torch'")
+    if impl not in ("kernel", "torch", "gather"):
+        raise ValueError(f"impl={impl!r}; expected 'kernel', 'gather' or 'torch'")
     if gates is not None and tuple(gates.shape) != (B, H, T, 3):
         raise ValueError(f"gates have shape {tuple(gates.shape)}; expected {(B, H, T, 3)}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -102,13 +110,14 @@ def nsa_attention(q, k, v, causal: bool = True, block_size: int = 32, top_n: int
     v_cmp = compress_mean(v, block_size) if v_cmp is None else v_cmp
     o_cmp, p_cmp = compressed_branch(q, k_cmp, v_cmp, block_size, causal, scale)
     selected = BlockLayout(select_blocks(p_cmp, T, block_size, top_n, causal), block_size, T, causal, name="nsa-selected")
-    sliding = local(T, block_size, window, causal=causal)
+    sliding = _sliding(T, block_size, window, bool(causal))
     if impl == "torch":
         o_sel = masked_attention(q, k, v, selected.element_mask(), scale)
         o_win = masked_attention(q, k, v, sliding.element_mask(), scale)
     else:
-        o_sel = block_sparse_attention(q, k, v, selected, causal=causal, scale=scale)
-        o_win = block_sparse_attention(q, k, v, sliding, causal=causal, scale=scale)
+        how = "auto" if impl == "kernel" else "torch"
+        o_sel = block_sparse_attention(q, k, v, selected, causal=causal, scale=scale, impl=how)
+        o_win = block_sparse_attention(q, k, v, sliding, causal=causal, scale=scale, impl=how)
     if gates is None:
         return (o_cmp + o_sel + o_win) / 3
     g = gates.to(q.dtype)

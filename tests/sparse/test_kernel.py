@@ -104,6 +104,8 @@ def test_attention_backend():
     out = fn(q, k, v, causal=True, pattern="local", block_size=16, window=24)
     ref = masked_attention(q, k, v, make_layout("local", 64, 16, causal=True, window=24).element_mask())
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(fn(q, k, v, causal=True, pattern="local", block_size=16, window=24, impl="torch"),
+                               ref, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -141,4 +143,4 @@ def test_gpu_bf16_matches_dense(head_dim, block_size):
     t = 1000  # ragged
     layout = make_layout("bigbird", t, block_size, causal=True, window=200, num_global=block_size, num_random=2)
     q, k, v = qkv(b=2, h=3, t=t, d=head_dim, dtype=torch.bfloat16, device="cuda")
-    check_against_dense(layout.to("cuda"), q, k, v, atol=3e-2)
+    check_against_dense(layout.to("cuda"), q, k, v, atol=6e-2)

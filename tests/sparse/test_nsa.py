@@ -21,6 +21,7 @@ def test_kernel_path_equals_readable_path(causal):
     out = nsa_attention(q, k, v, impl="kernel", **kw)
     ref = nsa_attention(q, k, v, impl="torch", **kw)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(nsa_attention(q, k, v, impl="gather", **kw), ref, atol=2e-5, rtol=1e-4)
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         assert torch.isfinite(a).all()

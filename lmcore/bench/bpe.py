@@ -116,6 +116,17 @@ def _encode_speed(make_tokenizer, encoder, text, repeats):
     return mb / ours_s, mb / ref_s, ours_ids == ref_ids
 
 
+def _git_commit() -> str | None:
+    """The commit of the lmcore checkout being measured, when it is a git checkout."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True,
+                              timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
 def main(argv: list[str]) -> dict:
     args = _parse(argv)
     size_mb = args.size_mb or (1.0 if args.quick else 5.0)
@@ -191,6 +202,7 @@ def main(argv: list[str]) -> dict:
     import tokenizers
 
     info = provenance()
+    info["lmcore_commit"] = _git_commit()
     info.update(tokenizers=tokenizers.__version__, tiktoken=tiktoken.__version__,
                 load_average_before=load_before, load_average_after=list(os.getloadavg()))
     return {"metrics": metrics, "targets": {k: f"{op} {t}" for k, (op, t) in TARGETS.items()}, "met": met,

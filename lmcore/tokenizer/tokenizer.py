@@ -174,8 +174,8 @@ class Tokenizer:
 
         Equal to ``encode("".join(texts))`` while holding only about ``block_chars`` characters:
         text is encoded block by block, and the end of each block that could still change when
-        more text arrives (the last pre-token, a possible start of a special token) is carried
-        into the next block.
+        more text arrives (the last two pre-tokens, a possible start of a special token) is
+        carried into the next block. Memory stays within a few blocks plus the longest pre-token.
         """
         if isinstance(texts, str):
             texts = [texts]

@@ -104,7 +104,7 @@ def _pruner(kind):
     return prune
 
 
-_KEY = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET"]
+_KEY = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET", "USE_TMA"]
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -125,6 +125,31 @@ def _load_tile(ptrs, rows, n_rows, offs_d, head_dim, MASK_ROWS: tl.constexpr, EV
 
 
 @triton.jit
+def _load_rows(src, row0, rows, stride_t, n_rows, offs_d, head_dim, MASK_ROWS: tl.constexpr,
+               EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows [row0, row0 + len(rows)) of a (seq, head_dim) matrix: through a tensor descriptor (the
+    Hopper copy engine, which zero-fills past the end by itself) or through plain pointers."""
+    if USE_TMA:
+        x = src.load([row0, 0])
+    else:
+        x = _load_tile(src + rows[:, None] * stride_t + offs_d[None, :], rows, n_rows, offs_d, head_dim,
+                       MASK_ROWS, EVEN_D)
+    return x
+
+
+@triton.jit
+def _rows_source(base, n_rows, stride_t, head_dim, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    """What ``_load_rows`` reads from: a tensor descriptor of the (seq, head_dim) matrix, or the pointer."""
+    if USE_TMA:
+        src = tl.make_tensor_descriptor(base, shape=[n_rows, head_dim], strides=[stride_t, 1],
+                                        block_shape=[BLOCK, HEAD_DIM])
+    else:
+        src = base
+    return src
+
+
+@triton.jit
 def _store_tile(ptrs, x, rows, n_rows, offs_d, head_dim, EVEN_D: tl.constexpr):
     mask = rows[:, None] < n_rows
     if not EVEN_D:
@@ -136,26 +161,24 @@ def _store_tile(ptrs, x, rows, n_rows, offs_d, head_dim, EVEN_D: tl.constexpr):
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo, hi, t_k, head_dim,
                qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+               EVEN_D: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Online softmax over key tiles [lo, hi): the running (m, l, acc) of one query tile."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n  # (BN,)
-        k = _load_tile(K + cols[:, None] * stride_kt + offs_d[None, :], cols, t_k, offs_d, head_dim,
-                       MASKED, EVEN_D)  # (BN, D)
-        # S = c * Q K^T, in log2 units (c = scale * log2 e)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN)
+        k = _load_rows(K, start_n, cols, stride_kt, t_k, offs_d, head_dim, MASKED, EVEN_D, USE_TMA)  # (BN, D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN): Q K^T, unscaled
         if MASKED:  # diagonal or tail tile: hide keys past the end and above the diagonal
             keep = cols[None, :] < t_k
             if CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None])
             s = tl.where(keep, s, -1.0e6)
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # m' = max(m, rowmax S)
-        p = tl.math.exp2(s - m_new[:, None])  # P = exp2(S - m')
+        # S = c * Q K^T in log2 units (c = scale * log2 e > 0, so the max commutes with c)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # m' = max(m, rowmax S)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])  # P = exp2(S - m'): one fused multiply-add
         alpha = tl.math.exp2(m_i - m_new)  # alpha = exp2(m - m')
         l_i = l_i * alpha + tl.sum(p, 1)  # l' = alpha l + rowsum P
-        v = _load_tile(V + cols[:, None] * stride_vt + offs_d[None, :], cols, t_k, offs_d, head_dim,
-                       MASKED, EVEN_D)  # (BN, D)
+        v = _load_rows(V, start_n, cols, stride_vt, t_k, offs_d, head_dim, MASKED, EVEN_D, USE_TMA)  # (BN, D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # O' = alpha O + P V
         m_i = m_new
     return acc, m_i, l_i
@@ -168,7 +191,8 @@ def _fwd_kernel(Q, K, V, O, L,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                 n_heads, t_q, t_k, head_dim, qk_scale, SEQ_BUCKET,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     if CAUSAL:  # longest rows (most key tiles) first, so the last wave is short
         start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
@@ -183,6 +207,8 @@ def _fwd_kernel(Q, K, V, O, L,
     offs_d = tl.arange(0, HEAD_DIM)  # (D,)
     q = _load_tile(Q + offs_m[:, None] * sqt + offs_d[None, :], offs_m, t_q, offs_d, head_dim,
                    True, EVEN_D)  # (BM, D)
+    k_src = _rows_source(K, t_k, skt, head_dim, BLOCK_N, HEAD_DIM, USE_TMA)
+    v_src = _rows_source(V, t_k, svt, head_dim, BLOCK_N, HEAD_DIM, USE_TMA)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -194,11 +220,11 @@ def _fwd_kernel(Q, K, V, O, L,
     else:
         free_hi = full_k
         hi = t_k
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, skt, svt, offs_m, offs_d, 0, free_hi, t_k,
-                               head_dim, qk_scale, BLOCK_N, False, CAUSAL, EVEN_D, PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, skt, svt, offs_m, offs_d, 0, free_hi,
+                               t_k, head_dim, qk_scale, BLOCK_N, False, CAUSAL, EVEN_D, PRECISION, USE_TMA)
     # stage 2: the diagonal tiles (causal) and the ragged tail (any length): masked
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, skt, svt, offs_m, offs_d, free_hi, hi, t_k,
-                               head_dim, qk_scale, BLOCK_N, True, CAUSAL, EVEN_D, PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, skt, svt, offs_m, offs_d, free_hi, hi,
+                               t_k, head_dim, qk_scale, BLOCK_N, True, CAUSAL, EVEN_D, PRECISION, USE_TMA)
     # O = acc / l ;  L = m + log2(l)  (base 2; natural L = L * ln 2)
     tl.store(L + bh * t_q + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < t_q)
     out = acc / l_i[:, None]
@@ -226,15 +252,13 @@ def _bwd_delta_kernel(O, DO, Delta, sob, soh, sot, sdb, sdh, sdt, n_heads, t_q, 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d, lo, hi, t_q, head_dim,
                 qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                EVEN_D: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), working with P^T."""
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in tl.range(lo, hi, BLOCK_M):
         rows = start_m + offs_m0  # (BM,)
-        q = _load_tile(Q + rows[:, None] * sqt + offs_d[None, :], rows, t_q, offs_d, head_dim,
-                       MASKED, EVEN_D)  # (BM, D)
-        do = _load_tile(DO + rows[:, None] * sdt + offs_d[None, :], rows, t_q, offs_d, head_dim,
-                        MASKED, EVEN_D)  # (BM, D)
+        q = _load_rows(Q, start_m, rows, sqt, t_q, offs_d, head_dim, MASKED, EVEN_D, USE_TMA)  # (BM, D)
+        do = _load_rows(DO, start_m, rows, sdt, t_q, offs_d, head_dim, MASKED, EVEN_D, USE_TMA)  # (BM, D)
         if MASKED:
             lse = tl.load(L + rows, mask=rows < t_q, other=0.0)
             delta = tl.load(Delta + rows, mask=rows < t_q, other=0.0)
@@ -264,12 +288,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, Delta,
                      sgkb, sgkh, sgkt, sgvb, sgvh, sgvt,
                      n_heads, t_q, t_k, head_dim, qk_scale, scale, SEQ_BUCKET,
                      HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr):
+                     PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M1: tl.constexpr,
+                     BLOCK_N1: tl.constexpr):
     start_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // n_heads, bh % n_heads
-    Q += b * sqb + h * sqh
-    DO += b * sdb + h * sdh
+    q_src = _rows_source(Q + b * sqb + h * sqh, t_q, sqt, head_dim, BLOCK_M1, HEAD_DIM, USE_TMA)
+    do_src = _rows_source(DO + b * sdb + h * sdh, t_q, sdt, head_dim, BLOCK_M1, HEAD_DIM, USE_TMA)
     L += bh * t_q
     Delta += bh * t_q
     offs_n = start_n * BLOCK_N1 + tl.arange(0, BLOCK_N1)  # (BN,)
@@ -284,16 +309,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, Delta,
     if CAUSAL:
         # query rows before this key tile never see it (skipped); rows on its diagonal are masked
         mid = start_n * BLOCK_N1 + BLOCK_N1
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d,
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, L, Delta, sqt, sdt, offs_n, offs_d,
                              start_n * BLOCK_N1, tl.minimum(mid, t_q), t_q, head_dim, qk_scale,
-                             BLOCK_M1, True, CAUSAL, EVEN_D, PRECISION)
+                             BLOCK_M1, True, CAUSAL, EVEN_D, PRECISION, USE_TMA)
     else:
         mid = 0
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d, mid, full_q, t_q,
-                         head_dim, qk_scale, BLOCK_M1, False, CAUSAL, EVEN_D, PRECISION)
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d,
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, L, Delta, sqt, sdt, offs_n, offs_d, mid, full_q, t_q,
+                         head_dim, qk_scale, BLOCK_M1, False, CAUSAL, EVEN_D, PRECISION, USE_TMA)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, L, Delta, sqt, sdt, offs_n, offs_d,
                          tl.maximum(full_q, mid), t_q, t_q, head_dim, qk_scale, BLOCK_M1, True,
-                         CAUSAL, EVEN_D, PRECISION)
+                         CAUSAL, EVEN_D, PRECISION, USE_TMA)
     _store_tile(DK + b * sgkb + h * sgkh + offs_n[:, None] * sgkt + offs_d[None, :],
                 (dk * scale).to(DK.dtype.element_ty), offs_n, t_k, offs_d, head_dim, EVEN_D)
     _store_tile(DV + b * sgvb + h * sgvh + offs_n[:, None] * sgvt + offs_d[None, :],
@@ -303,15 +328,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, Delta,
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, lo, hi, t_k, head_dim, qk_scale,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-              EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+              EVEN_D: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Accumulate dQ of one query tile over key tiles [lo, hi)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(K + cols[:, None] * skt + offs_d[None, :], cols, t_k, offs_d, head_dim,
-                       MASKED, EVEN_D)  # (BN, D)
-        v = _load_tile(V + cols[:, None] * svt + offs_d[None, :], cols, t_k, offs_d, head_dim,
-                       MASKED, EVEN_D)  # (BN, D)
+        k = _load_rows(K, start_n, cols, skt, t_k, offs_d, head_dim, MASKED, EVEN_D, USE_TMA)  # (BN, D)
+        v = _load_rows(V, start_n, cols, svt, t_k, offs_d, head_dim, MASKED, EVEN_D, USE_TMA)  # (BN, D)
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
                          - lse[:, None])  # (BM, BN)
         if MASKED:
@@ -332,15 +355,16 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, Delta,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgqb, sgqh, sgqt,
                    n_heads, t_q, t_k, head_dim, qk_scale, scale, SEQ_BUCKET,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
+                   PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M2: tl.constexpr,
+                   BLOCK_N2: tl.constexpr):
     if CAUSAL:
         start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
         start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // n_heads, bh % n_heads
-    K += b * skb + h * skh
-    V += b * svb + h * svh
+    k_src = _rows_source(K + b * skb + h * skh, t_k, skt, head_dim, BLOCK_N2, HEAD_DIM, USE_TMA)
+    v_src = _rows_source(V + b * svb + h * svh, t_k, svt, head_dim, BLOCK_N2, HEAD_DIM, USE_TMA)
     offs_m = start_m * BLOCK_M2 + tl.arange(0, BLOCK_M2)
     offs_d = tl.arange(0, HEAD_DIM)
     q = _load_tile(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], offs_m, t_q,
@@ -357,10 +381,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, Delta,
     else:
         free_hi = full_k
         hi = t_k
-    dq = _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, 0, free_hi, t_k, head_dim,
-                   qk_scale, BLOCK_N2, False, CAUSAL, EVEN_D, PRECISION)
-    dq = _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, free_hi, hi, t_k, head_dim,
-                   qk_scale, BLOCK_N2, True, CAUSAL, EVEN_D, PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, k_src, v_src, skt, svt, offs_m, offs_d, 0, free_hi, t_k,
+                   head_dim, qk_scale, BLOCK_N2, False, CAUSAL, EVEN_D, PRECISION, USE_TMA)
+    dq = _dq_inner(dq, q, do, lse, delta, k_src, v_src, skt, svt, offs_m, offs_d, free_hi, hi, t_k,
+                   head_dim, qk_scale, BLOCK_N2, True, CAUSAL, EVEN_D, PRECISION, USE_TMA)
     _store_tile(DQ + b * sgqb + h * sgqh + offs_m[:, None] * sgqt + offs_d[None, :],
                 (dq * scale).to(DQ.dtype.element_ty), offs_m, t_q, offs_d, head_dim, EVEN_D)
 
@@ -374,7 +398,7 @@ def autotune_choices() -> list[dict]:
         for key, cfg in getattr(kernel, "cache", {}).items():
             named = dict(zip(_KEY, key))
             rows.append({"kernel": name, "head_dim": named.get("HEAD_DIM"), "causal": named.get("CAUSAL"),
-                         "seq_bucket": named.get("SEQ_BUCKET"),
+                         "seq_bucket": named.get("SEQ_BUCKET"), "tma": named.get("USE_TMA"),
                          "dtype": next((str(k) for k in key if "float" in str(k) or "bf16" in str(k)), ""),
                          **{k: v for k, v in cfg.kwargs.items()},
                          "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
@@ -432,11 +456,43 @@ def _last_dim_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _meta(q, t_k):
+#: ``1``: load tiles through tensor descriptors (TMA) where possible; ``0``: plain pointers always.
+TMA_ENV = "LMCORE_FLASH_TMA"
+
+
+def _use_tma(*tensors) -> bool:
+    """Tensor descriptors need a Hopper (or newer) GPU, Triton support, and 16-byte aligned rows."""
+    if os.environ.get(TMA_ENV, "0") != "1" or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    if INTERPRET:  # the interpreter reads descriptors too (handy to test that code path on CPU)
+        return True
+    x = tensors[0]
+    if x.device.type != "cuda" or x.dtype == torch.float32 or torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:3]):
+            return False
+    _ensure_allocator()
+    return True
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_allocator():
+    """Device-side tensor descriptors live in a small global scratch buffer that torch allocates."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+
+
+def _meta(q, t_k, *tensors):
     d = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(d))
     return dict(SEQ_BUCKET=_seq_bucket(max(q.shape[2], t_k)), HEAD_DIM=block_d, EVEN_D=block_d == d,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=_use_tma(q, *tensors))
 
 
 def flash_forward_triton(q, k, v, causal: bool, scale: float):
@@ -448,7 +504,7 @@ def flash_forward_triton(q, k, v, causal: bool, scale: float):
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), bsz * heads)  # noqa: E731
     _fwd_kernel[grid](q, k, v, out, lse2, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                       *out.stride()[:3], heads, t_q, t_k, d, scale * LOG2E, CAUSAL=bool(causal),
-                      **_meta(q, t_k))
+                      **_meta(q, t_k, k, v))
     return out, lse2
 
 
@@ -457,7 +513,7 @@ def flash_backward_triton(q, k, v, out, lse2, dout, causal: bool, scale: float):
     bsz, heads, t_q, d = q.shape
     t_k = k.shape[2]
     dout = _last_dim_contiguous(dout)
-    meta = _meta(q, t_k)
+    meta = _meta(q, t_k, k, v, dout)
     delta = torch.empty_like(lse2)  # (B, H, Tq)
     _bwd_delta_kernel[(triton.cdiv(t_q, 64), bsz * heads)](
         out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads, t_q, d,
@@ -487,6 +543,8 @@ class FlashAttentionTriton(torch.autograd.Function):
     def forward(ctx, q, k, v, causal: bool = False, scale: float | None = None):
         _check_inputs(q, k, v)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        if not scale > 0:
+            raise ValueError(f"scale={scale!r} must be a positive number")
         q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
         if INTERPRET and q.dtype == torch.bfloat16:
             # the CPU interpreter multiplies bfloat16 tiles wrongly (NumPy has no bfloat16):

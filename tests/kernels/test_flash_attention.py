@@ -68,6 +68,14 @@ def test_separate_query_and_key_lengths(t_q, t_k, causal):
     _check(flash_attention, 2, 2, t_q, t_k, 32, causal, torch.float32, device, tol=1e-4)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_tensor_descriptor_path(monkeypatch, causal):
+    """The tiles loaded through tensor descriptors (TMA on Hopper) give the same results."""
+    monkeypatch.setenv("LMCORE_FLASH_TMA", "1")
+    device = "cuda" if CUDA else "cpu"
+    _check(flash_attention, 2, 2, 80, 48, 32, causal, torch.float16, device, tol=3e-2)
+
+
 def test_odd_head_dim_custom_scale_and_noncontiguous_inputs():
     device = "cuda" if CUDA else "cpu"
     _check(flash_attention, 2, 2, 37, 53, 24, True, torch.float32, device, tol=1e-4, scale=0.3,

@@ -193,7 +193,7 @@ def launch(fn: Callable[..., Any], world_size: int = 2, *args: Any, backend: str
     procs, conns = [], []
     for rank in range(world_size):
         recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, name=f"lmcore-rank{rank}", daemon=True,
+        p = ctx.Process(target=_worker, name=f"lmcore-rank{rank}",
                         args=(fn, rank, world_size, backend, port, timeout, args, kwargs, send))
         p.start()
         send.close()

@@ -63,18 +63,26 @@ def make_wrapped(kind, bucket_mb, model):
     return wrap_model(model, "torch", bucket_size_mb=bucket_mb)
 
 
+def _device(rank):
+    import torch.distributed as dist
+
+    return torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def train_and_compare(rank, world, kind, bucket_mb, steps=3, accumulate=False):
     """Train DDP on this rank's half and a reference on the whole batch; return the worst gap."""
+    dev = _device(rank)
     torch.manual_seed(1234 + rank)  # different init per rank: the wrapper must broadcast rank 0's
-    model = TiedToy()
+    model = TiedToy().to(dev)
     torch.manual_seed(1234)
-    reference = TiedToy()
+    reference = TiedToy().to(dev)
     ddp = make_wrapped(kind, bucket_mb, model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.5, momentum=0.9)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
     gaps = []
     half = BATCH // world
     for x, y in batches(steps):
+        x, y = x.to(dev), y.to(dev)
         mine = slice(rank * half, (rank + 1) * half)
         if accumulate:  # two micro-batches, the first without synchronizing
             quarter = half // 2
@@ -93,8 +101,8 @@ def train_and_compare(rank, world, kind, bucket_mb, steps=3, accumulate=False):
         gaps.append(max((a - b).abs().max().item() for a, b in zip(model.parameters(), reference.parameters())))
     buckets = [len(b) for b in ddp.buckets] if isinstance(ddp, BucketedDDP) else None
     return {"gaps": gaps, "buckets": buckets, "frozen_grad": model.scale.grad,
-            "scale": model.scale.detach().clone(), "tied": model.head.weight is model.embed.weight,
-            "first": next(model.parameters()).detach().clone()}
+            "scale": model.scale.detach().cpu(), "tied": model.head.weight is model.embed.weight,
+            "first": next(model.parameters()).detach().cpu()}
 
 
 CASES = [("naive", None), ("overlapped", None), ("bucketed", 1e-6), ("bucketed", 0.001),
@@ -156,6 +164,16 @@ def sharded_vs_adamw(rank, world, steps=10):
                                     for v in s.values() if torch.is_tensor(v) and v.dim() > 0),
             "shard_numel": sum(p.numel() for p in model.parameters() if id(p) in shard),
             "grads_cleared": all(p.grad is None for p in model.parameters())}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,bucket_mb", CASES, ids=[f"{k}-{b}" for k, b in CASES])
+def test_matches_single_process_on_gpus_with_nccl(kind, bucket_mb):
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs for NCCL")
+    for r in launch(train_and_compare, 2, kind, bucket_mb, backend="nccl", timeout=60):
+        assert max(r["gaps"]) < 1e-4, r["gaps"]  # GPU kernels may sum in another order for half a batch
+        assert r["frozen_grad"] is None and r["tied"]
 
 
 def test_sharded_optimizer_equals_adamw_after_10_steps():

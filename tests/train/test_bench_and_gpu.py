@@ -60,6 +60,6 @@ def test_backends_agree_on_gpu_in_bf16():
 def test_memory_estimate_within_ten_percent_on_gpu():
     from lmcore.bench.train import _memory
 
-    row = _memory(ModelConfig.preset("tiny", d_model=256, d_ff=688, context_length=256, vocab_size=4096), 16,
-                  torch.device("cuda"))
+    # a real preset: on tiny models fixed allocations (library workspaces) dominate the total
+    row = _memory(ModelConfig.preset("tinystories-17m"), 32, torch.device("cuda"))
     assert 0.9 < row["ratio"] < 1.1

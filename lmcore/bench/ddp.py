@@ -477,6 +477,16 @@ def headline(rows: list[dict], allreduce: list[dict], cfg: BenchConfig) -> dict:
             if plain["peak_mem_gb_rank0"] != "":
                 m["sharded_peak_mem_gb_rank0"] = sharded["peak_mem_gb_rank0"]
                 m["unsharded_peak_mem_gb_rank0"] = plain["peak_mem_gb_rank0"]
+        # The issue's targets, checked where the numbers exist.
+        targets = {}
+        if "bucketed_best_vs_torch_ddp" in m:
+            targets["bucketed_best_at_least_torch_ddp"] = m["bucketed_best_vs_torch_ddp"] >= 1.0
+        if "bucketed_best_scaling_efficiency" in m:
+            targets["bucketed_best_scaling_efficiency_at_least_95pct"] = m["bucketed_best_scaling_efficiency"] >= 0.95
+        if "sharded_opt_state_ratio" in m:
+            targets["sharded_state_about_half"] = abs(m["sharded_opt_state_ratio"] - 1 / cfg.world_size) < 0.1
+            targets["sharded_step_time_at_most_5pct_more"] = m["sharded_step_time_ratio"] <= 1.05
+        m["targets_met"] = targets
         out[model] = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
     if allreduce:
         near25 = min(allreduce, key=lambda a: abs(a["size_mb"] - 25))
@@ -494,7 +504,7 @@ def device_slug(prov: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-").split("-")[0] or "gpu"
 
 
-def summary_table(rows: list[dict], allreduce: list[dict]) -> str:
+def summary_table(rows: list[dict], allreduce: list[dict], metrics: dict | None = None) -> str:
     lines = [f"{'model':18s} {'kind':10s} {'bucket':>7s} {'shard':>5s} {'step ms':>8s} {'tok/s':>10s} "
              f"{'eff':>6s} {'/torch':>6s} {'expo ms':>7s} {'mem GB':>6s} {'opt MB':>7s}  status"]
     def fmt(value, spec):
@@ -510,6 +520,18 @@ def summary_table(rows: list[dict], allreduce: list[dict]) -> str:
     if allreduce:
         lines.append("all-reduce bus bandwidth: " + ", ".join(f"{a['size_mb']:g} MB {a['busbw_gbs']:.3g} GB/s"
                                                              for a in allreduce))
+    for model, m in (metrics or {}).items():
+        if not isinstance(m, dict) or "bucketed_best_bucket_mb" not in m:
+            continue
+        line = (f"{model}: best bucket {m['bucketed_best_bucket_mb']:g} MB, "
+                f"{m['bucketed_best_tokens_per_s']:,.0f} tok/s, efficiency {m['bucketed_best_scaling_efficiency']:.3f}")
+        if "bucketed_best_vs_torch_ddp" in m:
+            line += f", {m['bucketed_best_vs_torch_ddp']:.3f}x torch DDP (eff {m.get('torch_scaling_efficiency', float('nan')):.3f})"
+        if "sharded_opt_state_ratio" in m:
+            line += (f"; sharded: state x{m['sharded_opt_state_ratio']:.3f}, "
+                     f"step time x{m['sharded_step_time_ratio']:.3f}")
+        missed = [k for k, ok in m.get("targets_met", {}).items() if not ok]
+        lines.append(line + ("; targets missed: " + ", ".join(missed) if missed else "; all targets met"))
     return "\n".join(lines)
 
 
@@ -579,7 +601,7 @@ def main(argv: list[str]) -> dict:
         with atomic_write(files["timeline"]) as f:
             json.dump({"provenance": prov, "timelines": per_rank[0]["timelines"]}, f, default=str)
         result["files"] = files
-    table = summary_table(rows, allreduce)
+    table = summary_table(rows, allreduce, metrics)
     main_module = getattr(sys.modules.get("__main__"), "__spec__", None)
     if main_module is not None and main_module.name == "lmcore.bench.__main__":
         atexit.register(print, "\n" + table)  # after the dispatcher prints the JSON: the table comes last

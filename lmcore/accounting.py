@@ -84,16 +84,16 @@ def activation_bytes_per_layer(config: ModelConfig, batch: int, seq: int, dtype:
     c = _check(config)
     a = _bytes(dtype)
     n, d, f, H = batch * seq, c.d_model, c.d_ff, c.n_heads
-    # with autocast every matmul casts its float32 input anew: q, k, v make three copies, w1 and w3 two
-    qkv_inputs = 3 * a * n * d if a == 2 else 4 * n * d
-    ffn_inputs = 2 * a * n * d if a == 2 else 4 * n * d
+    kv = c.kv_heads * c.head_dim
+    # keys and values: with grouped-query heads the repeated copies are saved; otherwise v is a
+    # view into the stacked q|k|v projection output, which keeps all of it alive
+    keys_values = 2 * a * n * d if kv != d else a * n * (d + 2 * kv)
     parts = {
         "residual stream (2 per block, float32)": 2 * 4 * n * d,
         "RMSNorm x/rms (2, float32)": 2 * 4 * n * d + 2 * 4 * n,
-        "attention matmul inputs": qkv_inputs + a * n * d,  # + the merged heads before o_proj
-        "q, k, v and output of attention": 4 * a * n * d + 4 * n * H,  # + log-sum-exp per row
-        "feed-forward matmul inputs": ffn_inputs,
-        "SwiGLU hidden (w1 x, sigmoid, silu, w3 x, product)": 5 * a * n * f,
+        "matmul inputs (normed x twice, merged heads)": 3 * a * n * d,
+        "rotated q, k; v; attention output": 2 * a * n * d + keys_values + 4 * n * H,  # + log-sum-exp per row
+        "SwiGLU hidden (W1x|W3x, silu, product)": 4 * a * n * f,
     }
     if c.attention_backend not in _FUSED:  # the written-out backends keep scores and probabilities
         parts["attention matrix (T x T)"] = batch * H * seq * seq * (3 * a if a == 2 else 2 * a) + seq * seq

@@ -64,6 +64,8 @@ class BaselineLM(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        if c.tie_weights:  # the same initial scale as lmcore's tied table
+            nn.init.normal_(self.embed.weight, std=c.d_model ** -0.5)
         self.blocks = nn.ModuleList(_Block(c) for _ in range(c.n_layers))
         self.norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
@@ -99,14 +101,17 @@ def _throughput(kind: str, config: ModelConfig, batch: int, steps: int, device, 
                                 fused=device.type == "cuda")
         loss_fn = lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten())  # noqa: E731
         clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # noqa: E731
-    forward = torch.compile(model) if compile_ else model
+    def loss_of(x, y):
+        return loss_fn(model(x), y)
+
+    loss_of_batch = torch.compile(loss_of) if compile_ else loss_of  # model and loss compiled together
     use_bf16 = device.type == "cuda"
     x = torch.randint(0, config.vocab_size, (batch, config.context_length + 1), device=device)
     inp, tgt = x[:, :-1], x[:, 1:]
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = loss_fn(forward(inp), tgt)
+            loss = loss_of_batch(inp, tgt)
         loss.backward()
         clip()
         opt.step()
@@ -127,7 +132,7 @@ def _throughput(kind: str, config: ModelConfig, batch: int, steps: int, device, 
     out = {"tokens_per_s": tokens_per_s, "step_ms": 1000 * dt / steps, "warmup_s": warm, "loss": loss.item()}
     if device.type == "cuda":
         out["mfu"] = mfu(tokens_per_s, config, torch.cuda.get_device_name(device))
-    del model, opt, forward
+    del model, opt, loss_of_batch
     return out
 
 

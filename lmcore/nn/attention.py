@@ -94,9 +94,10 @@ class CausalSelfAttention(nn.Module):
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads or n_heads
         self.head_dim = d_model // n_heads
-        self.q_proj = Linear(d_model, n_heads * self.head_dim, device=device, dtype=dtype)
-        self.k_proj = Linear(d_model, self.n_kv_heads * self.head_dim, device=device, dtype=dtype)
-        self.v_proj = Linear(d_model, self.n_kv_heads * self.head_dim, device=device, dtype=dtype)
+        # q, k and v projections stacked in one matrix: one matmul instead of three, same math
+        self.qkv_sizes = [n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2
+        self.qkv_proj = Linear(d_model, sum(self.qkv_sizes), std=math.sqrt(2.0 / (2 * d_model)),
+                               device=device, dtype=dtype)
         self.o_proj = Linear(n_heads * self.head_dim, d_model, device=device, dtype=dtype)
         self.backend_name = backend
         self.attend = get_attention_backend(backend)
@@ -104,9 +105,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope=None, start_pos: int = 0, cache=None, layer: int = 0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)  # (B, T, H*D), (B, T, Hkv*D) x 2
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if rope is not None:
             q, k = rope(q, start_pos), rope(k, start_pos)
         if cache is not None:

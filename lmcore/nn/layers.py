@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -74,16 +75,21 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 
 
 class SwiGLU(nn.Module):
-    """The gated feed-forward network ``W2 (silu(W1 x) * W3 x)``."""
+    """The gated feed-forward network ``W2 (silu(W1 x) * W3 x)``.
+
+    ``W1`` and ``W3`` are stacked in one (2 d_ff, d_model) matrix ``w13`` so both come from one
+    matmul; ``w13.weight[:d_ff]`` is ``W1`` and ``w13.weight[d_ff:]`` is ``W3``.
+    """
 
     def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
         super().__init__()
-        self.w1 = Linear(d_model, d_ff, device=device, dtype=dtype)
-        self.w3 = Linear(d_model, d_ff, device=device, dtype=dtype)
+        self.d_ff = d_ff
+        self.w13 = Linear(d_model, 2 * d_ff, std=math.sqrt(2.0 / (d_model + d_ff)), device=device, dtype=dtype)
         self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(silu(self.w1(x)) * self.w3(x))  # (B, T, d) -> (B, T, d_ff) -> (B, T, d)
+        gate, up = self.w13(x).split(self.d_ff, dim=-1)  # (B, T, d_ff) each: W1 x, W3 x
+        return self.w2(F.silu(gate) * up)  # (B, T, d); F.silu computes silu() above in one kernel
 
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -151,7 +151,10 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
         optimizer.load_state_dict(payload["optimizer"])
         set_rng_state(payload["rng"], batches)
         start = payload["iteration"]
-    forward = torch.compile(model) if cfg.compile else model
+    def loss_of(x, y):
+        return cross_entropy(model(x), y)
+
+    loss_of_batch = torch.compile(loss_of) if cfg.compile else loss_of  # the loss compiles with the model
     end = cfg.max_iters if stop_at is None else min(stop_at, cfg.max_iters)
     out = cfg.out_dir
     log = MetricsLog(os.path.join(out, "metrics.jsonl") if out else None, append=resume is not None)
@@ -177,7 +180,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
         for _ in range(cfg.grad_accum):
             x, y = get_batch(train_tokens, cfg.batch_size, model_config.context_length, device, batches)
             with autocast_for(device, cfg.dtype):
-                loss = cross_entropy(forward(x), y) / cfg.grad_accum
+                loss = loss_of_batch(x, y) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None

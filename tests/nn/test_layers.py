@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmcore.nn import Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU, scaled_dot_product_attention, softmax
+from lmcore.nn import (Embedding, Linear, RMSNorm, RotaryEmbedding, SwiGLU, scaled_dot_product_attention, silu,
+                       softmax)
 
 
 def test_linear_matches_formula_and_init_scale():
@@ -52,8 +53,10 @@ def test_swiglu_matches_formula():
     torch.manual_seed(0)
     ffn = SwiGLU(16, 40)
     x = torch.randn(2, 3, 16)
-    expected = (F.silu(x @ ffn.w1.weight.T) * (x @ ffn.w3.weight.T)) @ ffn.w2.weight.T
+    w1, w3 = ffn.w13.weight[:40], ffn.w13.weight[40:]
+    expected = (silu(x @ w1.T) * (x @ w3.T)) @ ffn.w2.weight.T
     torch.testing.assert_close(ffn(x), expected)
+    torch.testing.assert_close(silu(x), F.silu(x))
 
 
 def test_sdpa_with_boolean_mask_matches_torch():

@@ -378,7 +378,7 @@ def make_config(args: argparse.Namespace, partial_dir: str) -> tuple[BenchConfig
         batch=4 if small else 16, seq=64 if small else 1024,
         bucket_sizes=[0.001, 0.01, 1.0] if small else [1, 5, 10, 25, 50, 100, 250, 1000],
         torch_bucket_sizes=[0.01] if small else [25, 1, 5, 100, 1000],
-        steps=3 if small else 10, warmup=1 if small else 3,
+        steps=3 if small else 12, warmup=1 if small else 3,
         dtype="fp32" if small else "bf16",
         allreduce_mb=[0.01, 0.1, 1.0] if small else [1, 4, 16, 25, 64, 128, 256, 500, 1000],
         budget_s=60.0 if small else 300.0)

@@ -20,7 +20,7 @@ import os
 import re
 from pathlib import Path
 
-IMPLS = ("triton", "torch_tiled", "reference", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
+IMPLS = ("triton", "triton_tma", "torch_tiled", "reference", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
 FIELDS = ("impl", "mode", "causal", "head_dim", "seq", "batch", "heads", "dtype", "status", "ms",
           "tflops", "peak_mem_mb")
 
@@ -82,12 +82,14 @@ def _make_fn(impl, q, k, v, causal, backward, do, tiled_block):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from lmcore.kernels import attention_reference, flash_attention, flash_attention_torch
+    from lmcore.kernels.flash_triton import TMA_ENV
 
     backends = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
                 "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
 
     def forward():
-        if impl == "triton":
+        if impl in ("triton", "triton_tma"):  # the same kernels, tiles loaded through pointers or TMA
+            os.environ[TMA_ENV] = "1" if impl == "triton_tma" else "0"
             return flash_attention(q, k, v, causal=causal)
         if impl == "torch_tiled":
             return flash_attention_torch(q, k, v, causal=causal, block_m=tiled_block, block_n=tiled_block)
@@ -170,12 +172,12 @@ def _ratios(rows) -> dict:
     ms = {(r["impl"], r["mode"], r["causal"], r["head_dim"], r["seq"]): r["ms"] for r in rows if r["status"] == "ok"}
     out = {}
     for (impl, mode, causal, d, t), ours in ms.items():
-        if impl != "triton" or not causal or t < 4096:
+        if impl not in ("triton", "triton_tma") or not causal or t < 4096:
             continue
         for other in ("sdpa_cudnn", "sdpa_flash"):
             theirs = ms.get((other, mode, causal, d, t))
             if theirs:
-                out[f"{mode}_{other}_d{d}_t{t}"] = round(theirs / ours, 3)
+                out[f"{impl}_{mode}_{other}_d{d}_t{t}"] = round(theirs / ours, 3)
     return out
 
 
@@ -234,8 +236,8 @@ def main(argv: list[str]) -> dict:
                               f"{row['status']:8s} {row['ms']!s:>9s} ms {row['tflops']!s:>7s} TFLOP/s "
                               f"{row['peak_mem_mb']!s:>9s} MB", flush=True)
     ratios = _ratios(rows)
-    result = {"metrics": {"ratios": ratios, "min_ratio_vs_cudnn_fwd": min((v for k, v in ratios.items() if k.startswith("fwd_sdpa_cudnn")), default=None),
-                          "min_ratio_vs_cudnn_fwdbwd": min((v for k, v in ratios.items() if k.startswith("fwd+bwd_sdpa_cudnn")), default=None),
+    result = {"metrics": {"ratios": ratios, "min_ratio_vs_cudnn_fwd": min((v for k, v in ratios.items() if k.startswith("triton_fwd_sdpa_cudnn")), default=None),
+                          "min_ratio_vs_cudnn_fwdbwd": min((v for k, v in ratios.items() if k.startswith("triton_fwd+bwd_sdpa_cudnn")), default=None),
                           "correctness_rel_err": correctness},
               "provenance": provenance(command), "autotune": autotune_choices(), "rows": len(rows),
               "settings": {"tokens": args.tokens, "width": args.width, "dtype": "bf16", "timer": "triton.testing.do_bench median",

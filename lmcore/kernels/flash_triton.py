@@ -458,11 +458,13 @@ def _last_dim_contiguous(x):
 
 #: ``1``: load tiles through tensor descriptors (TMA) where possible; ``0``: plain pointers always.
 TMA_ENV = "LMCORE_FLASH_TMA"
+#: What ``LMCORE_FLASH_TMA`` defaults to (chosen from the recorded benchmark; see NOTES.md).
+TMA_DEFAULT = "0"
 
 
 def _use_tma(*tensors) -> bool:
     """Tensor descriptors need a Hopper (or newer) GPU, Triton support, and 16-byte aligned rows."""
-    if os.environ.get(TMA_ENV, "0") != "1" or not hasattr(tl, "make_tensor_descriptor"):
+    if os.environ.get(TMA_ENV, TMA_DEFAULT) != "1" or not hasattr(tl, "make_tensor_descriptor"):
         return False
     if INTERPRET:  # the interpreter reads descriptors too (handy to test that code path on CPU)
         return True

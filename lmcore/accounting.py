@@ -145,3 +145,41 @@ def memory_estimate(config: ModelConfig, batch: int, seq: int | None = None, dty
     optimizer_step = weights + grads + opt + 4 * c.vocab_size * d  # + one temporary of the largest matrix
     return {"weights": weights, "gradients": grads, "optimizer": opt, "activations": activations,
             "logits": logits, "total": max(backward_start, optimizer_step)}
+
+
+def tracked_peak_memory(config: ModelConfig, batch: int, seq: int | None = None, dtype: str = "bfloat16",
+                        checkpointing: bool = False, device="cpu", seed: int = 0) -> int:
+    """Peak bytes of live tensors during one training step (the second; the first creates the
+    optimizer state), tracked tensor by tensor with torch's ``MemTracker``. Works on CPU, where
+    there is no allocator statistic like ``torch.cuda.max_memory_allocated``.
+    """
+    import torch
+
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError as err:  # a private tool: present in the torch versions lmcore supports
+        raise ImportError(f"torch {torch.__version__} has no MemTracker to track memory with") from err
+    from lmcore.nn import TransformerLM
+    from lmcore.train import TrainConfig, configure_optimizer, cross_entropy
+
+    c = _check(config)
+    seq = c.context_length if seq is None else seq
+    torch.manual_seed(seed)
+    model = TransformerLM(c).to(device)
+    model.activation_checkpointing = checkpointing
+    opt = configure_optimizer(model, TrainConfig())
+    x = torch.randint(0, c.vocab_size, (batch, seq + 1), device=device)
+
+    def step():
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=_bytes(dtype) == 2):
+            loss = cross_entropy(model(x[:, :-1]), x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    tracker = MemTracker()
+    tracker.track_external(model, opt)
+    with tracker:
+        step()
+    return int(tracker.get_tracker_snapshot("peak")[torch.device(device)]["Total"])

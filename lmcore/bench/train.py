@@ -136,7 +136,7 @@ def _throughput(kind: str, config: ModelConfig, batch: int, steps: int, device, 
     return out
 
 
-def _memory(config: ModelConfig, batch: int, device) -> dict:
+def measure_training_memory(config: ModelConfig, batch: int, device) -> dict:
     """Peak memory of eager lmcore training steps against ``memory_estimate``."""
     torch.manual_seed(0)
     model = TransformerLM(config).to(device)
@@ -218,5 +218,5 @@ def main(argv: list[str]) -> dict:
     result["decode"] = _decode(decode_cfg, device, 40 if args.quick else 200)
     if device.type == "cuda" and not args.skip_memory:
         for name, batch in MEMORY_CASES:
-            result["memory"][name] = _memory(ModelConfig.preset(name), batch, device)
+            result["memory"][name] = measure_training_memory(ModelConfig.preset(name), batch, device)
     return result

@@ -58,8 +58,8 @@ def test_backends_agree_on_gpu_in_bf16():
 @pytest.mark.gpu
 @gpu
 def test_memory_estimate_within_ten_percent_on_gpu():
-    from lmcore.bench.train import _memory
+    from lmcore.bench.train import measure_training_memory
 
     # a real preset: on tiny models fixed allocations (library workspaces) dominate the total
-    row = _memory(ModelConfig.preset("tinystories-17m"), 32, torch.device("cuda"))
+    row = measure_training_memory(ModelConfig.preset("tinystories-17m"), 32, torch.device("cuda"))
     assert 0.9 < row["ratio"] < 1.1

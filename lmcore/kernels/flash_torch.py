@@ -35,14 +35,19 @@ def _tiles(n: int, block: int):
     return [(s, min(s + block, n)) for s in range(0, n, block)]
 
 
-def _mask(i0: int, i1: int, j0: int, j1: int, device) -> torch.Tensor:
-    """Causal mask of the tile rows ``i0:i1`` x columns ``j0:j1`` (True = visible)."""
-    return torch.arange(j0, j1, device=device)[None, :] <= torch.arange(i0, i1, device=device)[:, None]
+def _mask(i0: int, i1: int, j0: int, j1: int, offset: int, device) -> torch.Tensor:
+    """Causal mask of the tile rows ``i0:i1`` x columns ``j0:j1`` (True = visible).
+
+    Query ``i`` sits at position ``i + offset`` (``offset = Tk - Tq``) and sees keys ``j <= i + offset``.
+    """
+    rows = torch.arange(i0, i1, device=device)[:, None] + offset
+    return torch.arange(j0, j1, device=device)[None, :] <= rows
 
 
 def flash_forward_torch(q, k, v, causal: bool, scale: float, block_m: int = 64, block_n: int = 64):
     """Tiled forward; returns ``out`` (dtype of q) and ``L`` (float32, ``(B, H, Tq)``)."""
     t_q, t_k = q.shape[-2], k.shape[-2]
+    off = t_k - t_q  # queries are the last t_q positions
     c = scale * LOG2E
     out = torch.empty_like(q)  # (B, H, Tq, D)
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)  # (B, H, Tq)
@@ -52,11 +57,11 @@ def flash_forward_torch(q, k, v, causal: bool, scale: float, block_m: int = 64, 
         l = torch.zeros_like(m)  # (B, H, bm)
         acc = torch.zeros_like(qi)  # (B, H, bm, D)
         for j0, j1 in _tiles(t_k, block_n):
-            if causal and j0 > i1 - 1:  # tile entirely above the diagonal: skipped
+            if causal and j0 > i1 - 1 + off:  # tile entirely above the diagonal: skipped
                 break
             s = c * (qi @ k[..., j0:j1, :].float().transpose(-2, -1))  # (B, H, bm, bn)
-            if causal and j1 - 1 > i0:  # tile crosses the diagonal: mask it
-                s = s.masked_fill(~_mask(i0, i1, j0, j1, q.device), -math.inf)
+            if causal and j1 - 1 > i0 + off:  # tile crosses the diagonal: mask it
+                s = s.masked_fill(~_mask(i0, i1, j0, j1, off, q.device), -math.inf)
             m_new = torch.maximum(m, s.amax(-1))  # (B, H, bm)
             p = torch.exp2(s - m_new[..., None])  # (B, H, bm, bn)
             alpha = torch.exp2(m - m_new)  # (B, H, bm)
@@ -72,6 +77,7 @@ def flash_backward_torch(q, k, v, out, lse, dout, causal: bool, scale: float,
                          block_m: int = 64, block_n: int = 64):
     """Tiled backward from ``L``: recomputes each probability tile, returns ``dq, dk, dv``."""
     t_q, t_k = q.shape[-2], k.shape[-2]
+    off = t_k - t_q
     delta = (dout.float() * out.float()).sum(-1)  # (B, H, Tq): D_i = rowsum(dO * O)
     dq = torch.zeros_like(q, dtype=torch.float32)
     dk = torch.zeros_like(k, dtype=torch.float32)
@@ -79,12 +85,12 @@ def flash_backward_torch(q, k, v, out, lse, dout, causal: bool, scale: float,
     for j0, j1 in _tiles(t_k, block_n):
         kj, vj = k[..., j0:j1, :].float(), v[..., j0:j1, :].float()  # (B, H, bn, D)
         for i0, i1 in _tiles(t_q, block_m):
-            if causal and j0 > i1 - 1:
+            if causal and j0 > i1 - 1 + off:
                 continue
             qi, doi = q[..., i0:i1, :].float(), dout[..., i0:i1, :].float()  # (B, H, bm, D)
             s = scale * (qi @ kj.transpose(-2, -1))  # (B, H, bm, bn)
-            if causal and j1 - 1 > i0:
-                s = s.masked_fill(~_mask(i0, i1, j0, j1, q.device), -math.inf)
+            if causal and j1 - 1 > i0 + off:
+                s = s.masked_fill(~_mask(i0, i1, j0, j1, off, q.device), -math.inf)
             p = torch.exp(s - lse[..., i0:i1, None])  # (B, H, bm, bn)
             dv[..., j0:j1, :] += p.transpose(-2, -1) @ doi
             dp = doi @ vj.transpose(-2, -1)  # (B, H, bm, bn)
@@ -105,6 +111,9 @@ class FlashAttentionTorch(torch.autograd.Function):
     def forward(ctx, q, k, v, causal: bool = False, scale: float | None = None,
                 block_m: int = 64, block_n: int = 64):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        if causal and q.shape[-2] > k.shape[-2]:
+            raise ValueError(f"causal attention needs at least as many keys as queries; got "
+                             f"{q.shape[-2]} queries and {k.shape[-2]} keys")
         out, lse = flash_forward_torch(q, k, v, causal, scale, block_m, block_n)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.scale, ctx.blocks = causal, scale, (block_m, block_n)

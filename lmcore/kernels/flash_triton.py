@@ -159,7 +159,7 @@ def _store_tile(ptrs, x, rows, n_rows, offs_d, head_dim, EVEN_D: tl.constexpr):
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo, hi, t_k, head_dim,
+def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo, hi, t_q, t_k, head_dim,
                qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                EVEN_D: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Online softmax over key tiles [lo, hi): the running (m, l, acc) of one query tile."""
@@ -170,8 +170,8 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo,
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN): Q K^T, unscaled
         if MASKED:  # diagonal or tail tile: hide keys past the end and above the diagonal
             keep = cols[None, :] < t_k
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None])
+            if CAUSAL:  # query i is position i + (t_k - t_q): it sees keys j <= i + t_k - t_q
+                keep = keep & (cols[None, :] <= offs_m[:, None] + (t_k - t_q))
             s = tl.where(keep, s, -1.0e6)
         # S = c * Q K^T in log2 units (c = scale * log2 e > 0, so the max commutes with c)
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # m' = max(m, rowmax S)
@@ -214,17 +214,18 @@ def _fwd_kernel(Q, K, V, O, L,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # stage 1: tiles with every key visible (below the diagonal, before the tail): no mask at all
     full_k = (t_k // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        free_hi = tl.minimum(start_m * BLOCK_M, full_k)
-        hi = tl.minimum((start_m + 1) * BLOCK_M, t_k)  # tiles above the diagonal are skipped
+    if CAUSAL:  # the diagonal of this query tile starts at key start_m * BLOCK_M + (t_k - t_q)
+        first = start_m * BLOCK_M + (t_k - t_q)
+        free_hi = tl.minimum((first // BLOCK_N) * BLOCK_N, full_k)
+        hi = tl.minimum(first + BLOCK_M, t_k)  # tiles above the diagonal are skipped
     else:
         free_hi = full_k
         hi = t_k
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, skt, svt, offs_m, offs_d, 0, free_hi,
-                               t_k, head_dim, qk_scale, BLOCK_N, False, CAUSAL, EVEN_D, PRECISION, USE_TMA)
+                               t_q, t_k, head_dim, qk_scale, BLOCK_N, False, CAUSAL, EVEN_D, PRECISION, USE_TMA)
     # stage 2: the diagonal tiles (causal) and the ragged tail (any length): masked
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, skt, svt, offs_m, offs_d, free_hi, hi,
-                               t_k, head_dim, qk_scale, BLOCK_N, True, CAUSAL, EVEN_D, PRECISION, USE_TMA)
+                               t_q, t_k, head_dim, qk_scale, BLOCK_N, True, CAUSAL, EVEN_D, PRECISION, USE_TMA)
     # O = acc / l ;  L = m + log2(l)  (base 2; natural L = L * ln 2)
     tl.store(L + bh * t_q + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < t_q)
     out = acc / l_i[:, None]
@@ -250,7 +251,7 @@ def _bwd_delta_kernel(O, DO, Delta, sob, soh, sot, sdb, sdh, sdt, n_heads, t_q, 
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d, lo, hi, t_q, head_dim,
+def _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d, lo, hi, t_q, t_k, head_dim,
                 qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 EVEN_D: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), working with P^T."""
@@ -271,7 +272,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d, lo, hi,
         if MASKED:
             keep = rows[None, :] < t_q
             if CAUSAL:
-                keep = keep & (rows[None, :] >= offs_n[:, None])
+                keep = keep & (rows[None, :] + (t_k - t_q) >= offs_n[:, None])
             p_t = tl.where(keep, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # dV += P^T dO
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM): dP^T = V dO^T
@@ -307,17 +308,21 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, Delta,
     dv = tl.zeros([BLOCK_N1, HEAD_DIM], tl.float32)
     full_q = (t_q // BLOCK_M1) * BLOCK_M1
     if CAUSAL:
-        # query rows before this key tile never see it (skipped); rows on its diagonal are masked
-        mid = start_n * BLOCK_N1 + BLOCK_N1
+        # query rows i < n0 - (t_k - t_q) never see this key tile (skipped); the tiles of rows
+        # crossing its diagonal are masked; from `mid` on every row sees every key of the tile
+        lo = tl.maximum(start_n * BLOCK_N1 - (t_k - t_q), 0)
+        lo = (lo // BLOCK_M1) * BLOCK_M1
+        mid = tl.maximum(start_n * BLOCK_N1 + BLOCK_N1 - (t_k - t_q), 0)
+        mid = ((mid + BLOCK_M1 - 1) // BLOCK_M1) * BLOCK_M1
         dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, L, Delta, sqt, sdt, offs_n, offs_d,
-                             start_n * BLOCK_N1, tl.minimum(mid, t_q), t_q, head_dim, qk_scale,
+                             lo, tl.minimum(mid, t_q), t_q, t_k, head_dim, qk_scale,
                              BLOCK_M1, True, CAUSAL, EVEN_D, PRECISION, USE_TMA)
     else:
         mid = 0
     dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, L, Delta, sqt, sdt, offs_n, offs_d, mid, full_q, t_q,
-                         head_dim, qk_scale, BLOCK_M1, False, CAUSAL, EVEN_D, PRECISION, USE_TMA)
+                         t_k, head_dim, qk_scale, BLOCK_M1, False, CAUSAL, EVEN_D, PRECISION, USE_TMA)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, L, Delta, sqt, sdt, offs_n, offs_d,
-                         tl.maximum(full_q, mid), t_q, t_q, head_dim, qk_scale, BLOCK_M1, True,
+                         tl.maximum(full_q, mid), t_q, t_q, t_k, head_dim, qk_scale, BLOCK_M1, True,
                          CAUSAL, EVEN_D, PRECISION, USE_TMA)
     _store_tile(DK + b * sgkb + h * sgkh + offs_n[:, None] * sgkt + offs_d[None, :],
                 (dk * scale).to(DK.dtype.element_ty), offs_n, t_k, offs_d, head_dim, EVEN_D)
@@ -326,7 +331,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, Delta,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, lo, hi, t_k, head_dim, qk_scale,
+def _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, lo, hi, t_q, t_k, head_dim, qk_scale,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
               EVEN_D: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Accumulate dQ of one query tile over key tiles [lo, hi)."""
@@ -340,7 +345,7 @@ def _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, lo, hi, t_k
         if MASKED:
             keep = cols[None, :] < t_k
             if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None])
+                keep = keep & (cols[None, :] <= offs_m[:, None] + (t_k - t_q))
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dP = dO V^T
         ds = p * (dp - delta[:, None])  # dS = P * (dP - D)
@@ -376,14 +381,15 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, Delta,
     dq = tl.zeros([BLOCK_M2, HEAD_DIM], tl.float32)
     full_k = (t_k // BLOCK_N2) * BLOCK_N2
     if CAUSAL:
-        free_hi = tl.minimum(start_m * BLOCK_M2, full_k)
-        hi = tl.minimum((start_m + 1) * BLOCK_M2, t_k)
+        first = start_m * BLOCK_M2 + (t_k - t_q)
+        free_hi = tl.minimum((first // BLOCK_N2) * BLOCK_N2, full_k)
+        hi = tl.minimum(first + BLOCK_M2, t_k)
     else:
         free_hi = full_k
         hi = t_k
-    dq = _dq_inner(dq, q, do, lse, delta, k_src, v_src, skt, svt, offs_m, offs_d, 0, free_hi, t_k,
+    dq = _dq_inner(dq, q, do, lse, delta, k_src, v_src, skt, svt, offs_m, offs_d, 0, free_hi, t_q, t_k,
                    head_dim, qk_scale, BLOCK_N2, False, CAUSAL, EVEN_D, PRECISION, USE_TMA)
-    dq = _dq_inner(dq, q, do, lse, delta, k_src, v_src, skt, svt, offs_m, offs_d, free_hi, hi, t_k,
+    dq = _dq_inner(dq, q, do, lse, delta, k_src, v_src, skt, svt, offs_m, offs_d, free_hi, hi, t_q, t_k,
                    head_dim, qk_scale, BLOCK_N2, True, CAUSAL, EVEN_D, PRECISION, USE_TMA)
     _store_tile(DQ + b * sgqb + h * sgqh + offs_m[:, None] * sgqt + offs_d[None, :],
                 (dq * scale).to(DQ.dtype.element_ty), offs_m, t_q, offs_d, head_dim, EVEN_D)
@@ -421,7 +427,7 @@ def _seq_bucket(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _check_inputs(q, k, v):
+def _check_inputs(q, k, v, causal=False):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -447,6 +453,9 @@ def _check_inputs(q, k, v):
                          f"{MAX_HEAD_DIM} (64 and 128 are tuned)")
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise ValueError(f"sequence lengths must be positive; got q {q.shape[2]}, k {k.shape[2]}")
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(f"causal attention needs at least as many keys as queries (the queries are the "
+                         f"last {q.shape[2]} positions); got {q.shape[2]} queries and {k.shape[2]} keys")
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError(f"flash_attention runs on CUDA tensors (got {q.device}); on CPU set "
                            "TRITON_INTERPRET=1 before triton is imported to use Triton's interpreter")
@@ -543,7 +552,7 @@ class FlashAttentionTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal: bool = False, scale: float | None = None):
-        _check_inputs(q, k, v)
+        _check_inputs(q, k, v, causal)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
         if not scale > 0:
             raise ValueError(f"scale={scale!r} must be a positive number")
@@ -578,8 +587,9 @@ def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, r
 
     ``q``: ``(batch, heads, Tq, head_dim)``; ``k, v``: ``(batch, heads, Tk, head_dim)``; float16,
     bfloat16 or float32; ``16 <= head_dim <= 128``. ``scale`` defaults to ``1/sqrt(head_dim)``.
-    ``causal`` masks keys after the query position (diagonal from the top-left corner, as in
-    ``scaled_dot_product_attention``). Differentiable in ``q, k, v``. With ``return_lse`` also
+    ``causal`` masks keys after the query position; with ``Tk > Tq`` the queries are the last
+    ``Tq`` positions (query ``i`` sees keys ``j <= i + Tk - Tq``, the convention of a KV cache and of
+    ``lmcore.nn``; equal lengths give the usual lower-triangular mask). Differentiable in ``q, k, v``. With ``return_lse`` also
     returns the row log-sum-exp ``L`` (natural log, fp32, shape ``(batch, heads, Tq)``).
     """
     out, lse = FlashAttentionTriton.apply(q, k, v, causal, scale)

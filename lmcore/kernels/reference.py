@@ -12,11 +12,14 @@ import torch
 
 
 def causal_mask(t_q: int, t_k: int, device=None) -> torch.Tensor:
-    """Boolean ``(t_q, t_k)`` mask, True where query ``i`` may see key ``j`` (``j <= i``).
+    """Boolean ``(t_q, t_k)`` mask, True where query ``i`` may see key ``j``.
 
-    The diagonal starts at the top-left corner, as in ``scaled_dot_product_attention(is_causal=True)``.
+    The queries are the last ``t_q`` of ``t_k`` positions (as with a KV cache, and in ``lmcore.nn``):
+    query ``i`` sees keys ``j <= i + t_k - t_q``. For ``t_q == t_k`` this is the usual lower triangle.
     """
-    i = torch.arange(t_q, device=device)[:, None]  # (Tq, 1)
+    if t_q > t_k:
+        raise ValueError(f"causal attention needs at least as many keys as queries; got {t_q} and {t_k}")
+    i = torch.arange(t_q, device=device)[:, None] + (t_k - t_q)  # (Tq, 1)
     j = torch.arange(t_k, device=device)[None, :]  # (1, Tk)
     return j <= i  # (Tq, Tk)
 
@@ -48,10 +51,7 @@ def attention_flops(batch: int, heads: int, t_q: int, t_k: int, head_dim: int, c
     Causal attention does about half the work (the exact count of visible pairs is used).
     """
     pairs = t_q * t_k
-    if causal:
-        # top-left causal: row i sees min(i + 1, t_k) keys
-        full = max(0, t_q - t_k) * t_k
-        m = min(t_q, t_k)
-        pairs = m * (m + 1) // 2 + full
+    if causal:  # query i sees i + 1 + (t_k - t_q) keys
+        pairs = t_q * (t_k - t_q) + t_q * (t_q + 1) // 2
     fwd = 4.0 * batch * heads * pairs * head_dim
     return fwd * (1.0 + 2.5) if backward else fwd

@@ -61,11 +61,22 @@ def test_matches_reference_cpu_sizes(impl, t, d, causal):
     _check(IMPLS[impl], 2, 2, t, t, d, causal, torch.float32, device, tol=1e-4)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("t_q,t_k", [(48, 80), (80, 48)])
-def test_separate_query_and_key_lengths(t_q, t_k, causal):
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("t_q,t_k,causal", [(48, 80, False), (80, 48, False), (48, 80, True), (1, 80, True)])
+def test_separate_query_and_key_lengths(impl, t_q, t_k, causal):
+    """Causal with more keys than queries: the queries are the last positions (a KV cache)."""
     device = "cuda" if CUDA else "cpu"
-    _check(flash_attention, 2, 2, t_q, t_k, 32, causal, torch.float32, device, tol=1e-4)
+    _check(IMPLS[impl], 2, 2, t_q, t_k, 32, causal, torch.float32, device, tol=1e-4)
+
+
+def test_causal_convention_matches_lmcore_nn():
+    from lmcore.nn.attention import causal_mask as nn_mask
+    from lmcore.kernels import causal_mask
+
+    for t_q, t_k in ((5, 5), (3, 7), (1, 4)):
+        assert torch.equal(causal_mask(t_q, t_k), nn_mask(t_q, t_k))
+    with pytest.raises(ValueError, match="at least as many keys"):
+        flash_attention(*(torch.randn(1, 1, n, 16) for n in (8, 4, 4)), causal=True)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -73,7 +84,7 @@ def test_tensor_descriptor_path(monkeypatch, causal):
     """The tiles loaded through tensor descriptors (TMA on Hopper) give the same results."""
     monkeypatch.setenv("LMCORE_FLASH_TMA", "1")
     device = "cuda" if CUDA else "cpu"
-    _check(flash_attention, 2, 2, 80, 48, 32, causal, torch.float16, device, tol=3e-2)
+    _check(flash_attention, 2, 2, 48, 80, 32, causal, torch.float16, device, tol=3e-2)
 
 
 def test_odd_head_dim_custom_scale_and_noncontiguous_inputs():
@@ -126,6 +137,7 @@ def test_bad_input_raises_clear_error(bad, match):
 def test_flop_count():
     assert attention_flops(1, 1, 4, 4, 8, causal=False) == 4 * 16 * 8
     assert attention_flops(1, 1, 4, 4, 8, causal=True) == 4 * 10 * 8
+    assert attention_flops(1, 1, 2, 4, 8, causal=True) == 4 * (3 + 4) * 8
     assert attention_flops(1, 1, 4, 4, 8, causal=False, backward=True) == 3.5 * 4 * 16 * 8
 
 
@@ -148,4 +160,5 @@ def test_matches_reference_gpu_sizes(t, d, causal, dtype):
 def test_gpu_separate_lengths_odd_head_dim_noncontiguous(causal):
     _check(flash_attention, 2, 3, 700, 1300, 80, causal, torch.bfloat16, "cuda", tol=2e-2,
            layout="bthd")
-    _check(flash_attention, 2, 3, 1300, 700, 16, causal, torch.bfloat16, "cuda", tol=2e-2)
+    _check(flash_attention, 2, 3, 1300, 700, 16, False, torch.bfloat16, "cuda", tol=2e-2)
+    _check(flash_attention, 2, 3, 300, 1300, 64, causal, torch.bfloat16, "cuda", tol=2e-2)

@@ -38,6 +38,8 @@ def _parse(argv):
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
     ap.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     ap.add_argument("--skip-check", action="store_true", help="skip the correctness check against SDPA")
+    ap.add_argument("--train-check", type=int, default=0, metavar="STEPS",
+                    help="also train a small TransformerLM for STEPS steps with flash_triton and with sdpa")
     ap.add_argument("--show-tuning", action="store_true", help="print every autotuning candidate's time")
     ap.add_argument("--no-write", action="store_true", help="print only; write no files")
     args = ap.parse_args(argv)
@@ -167,6 +169,51 @@ def _gpu_correctness(d, causal) -> dict:
     return {n: ((errs[n] - wants[n]).norm() / wants[n].norm()).item() for n in errs}
 
 
+def _train_check(steps: int) -> dict:
+    """Train the same small TransformerLM (same seed, same batches) with ``flash_triton`` and ``sdpa``.
+
+    The data is a learnable synthetic language (each token a fixed function of the previous two,
+    with 10% noise), so the loss falls well below uniform within a few hundred steps.
+    """
+    import torch
+
+    from lmcore.nn import ModelConfig, TransformerLM
+
+    vocab, t, batch = 512, 512, 16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def batches():
+        x = torch.randint(0, vocab, (batch, t + 1), device="cuda", generator=gen)
+        noise = torch.rand(batch, t + 1, device="cuda", generator=gen) < 0.1
+        for i in range(2, t + 1):
+            x[:, i] = torch.where(noise[:, i], x[:, i], (7 * x[:, i - 1] + 3 * x[:, i - 2] + 1) % vocab)
+        return x[:, :-1], x[:, 1:]
+
+    data = [batches() for _ in range(16)]
+    curves = {}
+    for backend in ("sdpa", "flash_triton"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=vocab, context_length=t, d_model=256, n_layers=4, n_heads=4, d_ff=688,
+                          attention_backend=backend)
+        model = TransformerLM(cfg).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+        losses = []
+        for step in range(steps):
+            x, y = data[step % len(data)]
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.float().view(-1, vocab), y.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(round(loss.item(), 4))
+        curves[backend] = losses
+    tail = max(1, steps // 5)
+    final = {b: sum(c[-tail:]) / tail for b, c in curves.items()}
+    return {"steps": steps, "loss_curves": curves, "final_loss_mean_last_20pct": final,
+            "max_abs_diff": max(abs(a - b) for a, b in zip(curves["sdpa"], curves["flash_triton"]))}
+
+
 def _ratios(rows) -> dict:
     """Our speed over each SDPA backend's (higher is better) for causal bf16 rows with seq >= 4096."""
     ms = {(r["impl"], r["mode"], r["causal"], r["head_dim"], r["seq"]): r["ms"] for r in rows if r["status"] == "ok"}
@@ -208,6 +255,10 @@ def main(argv: list[str]) -> dict:
     correctness = {} if args.skip_check else {
         f"d{d}_causal{int(c)}": _gpu_correctness(d, c) for d in args.head_dims for c in flags}
     print("correctness (relative error vs SDPA in fp32):", json.dumps(correctness), flush=True)
+    training = _train_check(args.train_check) if args.train_check else None
+    if training:
+        print("training check (mean loss, last 20% of steps):", training["final_loss_mean_last_20pct"],
+              "max |diff| per step:", training["max_abs_diff"], flush=True)
     rows = []
     gpu = torch.cuda.get_device_name()
     out_dir, stem = Path(args.out_dir), f"attention-{_gpu_slug(gpu)}"
@@ -215,7 +266,8 @@ def main(argv: list[str]) -> dict:
         from lmcore.utils import atomic_write
 
         with atomic_write(out_dir / f"{stem}.json") as f:
-            json.dump({"provenance": provenance(command), "partial": True, "correctness_rel_err": correctness}, f, indent=1)
+            json.dump({"provenance": provenance(command), "partial": True, "correctness_rel_err": correctness,
+                       "training_check": training}, f, indent=1)
     for causal in flags:  # causal first: the rows the targets are about
         for d in args.head_dims:
             for t in args.seqs:
@@ -239,6 +291,7 @@ def main(argv: list[str]) -> dict:
     result = {"metrics": {"ratios": ratios, "min_ratio_vs_cudnn_fwd": min((v for k, v in ratios.items() if k.startswith("triton_fwd_sdpa_cudnn")), default=None),
                           "min_ratio_vs_cudnn_fwdbwd": min((v for k, v in ratios.items() if k.startswith("triton_fwd+bwd_sdpa_cudnn")), default=None),
                           "correctness_rel_err": correctness},
+              "training_check": training,
               "provenance": provenance(command), "autotune": autotune_choices(), "rows": len(rows),
               "settings": {"tokens": args.tokens, "width": args.width, "dtype": "bf16", "timer": "triton.testing.do_bench median",
                            "rep_ms": args.rep}}

@@ -40,11 +40,19 @@ def block_sparse_backend(q, k, v, causal: bool = True, pattern: str = "local", b
 
     ``impl`` as in :func:`block_sparse_attention` (``"torch"`` trains on a CPU without Triton).
     """
-    layout = _cached_layout(pattern, q.shape[-2], block_size, bool(causal), tuple(sorted(params.items())))
+    tq, tk = q.shape[-2], k.shape[-2]
+    layout = _cached_layout(pattern, tk, block_size, bool(causal), tuple(sorted(params.items())))
+    if tq != tk:  # decoding with a KV cache: the queries are the last tq positions of the pattern
+        if tq > tk:
+            raise ValueError(f"{tq} queries but only {tk} keys: queries must be the last positions")
+        return masked_attention(q, k, v, layout.element_mask().to(q.device)[tk - tq:])
     return block_sparse_attention(q, k, v, layout, causal=causal, impl=impl)
 
 
 @register_attention_backend("nsa")
 def nsa_backend(q, k, v, causal: bool = True, **options):
     """Attention backend: parameter-free NSA (mean-pooled compression, equal gates); see ``nsa_attention``."""
+    if q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"the nsa backend needs as many queries as keys (got {q.shape[-2]} and {k.shape[-2]}); "
+                         "decoding with a KV cache is not supported, recompute the full sequence instead")
     return nsa_attention(q, k, v, causal=causal, **options)

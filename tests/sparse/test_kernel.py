@@ -108,6 +108,16 @@ def test_attention_backend():
                                ref, atol=2e-5, rtol=1e-4)
 
 
+def test_backend_decoding_with_fewer_queries_matches_the_last_rows():
+    q, k, v = qkv(t=64)
+    fn = get_attention_backend("block_sparse")
+    full = fn(q, k, v, causal=True, pattern="mixed", block_size=16, window=10, num_global=16)
+    last = fn(q[:, :, -5:], k, v, causal=True, pattern="mixed", block_size=16, window=10, num_global=16)
+    torch.testing.assert_close(last, full[:, :, -5:], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="decoding with a KV cache is not supported"):
+        get_attention_backend("nsa")(q[:, :, -5:], k, v, causal=True, block_size=16)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"block_size": 24}, "block_size=24 must be a power of two"),
     ({"block_size": 8}, "block_size=8 must be a power of two"),

@@ -488,15 +488,17 @@ def _use_tma(*tensors) -> bool:
     return True
 
 
-_ALLOCATOR_SET = False
-
-
 def _ensure_allocator():
-    """Device-side tensor descriptors live in a small global scratch buffer that torch allocates."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
+    """Device-side tensor descriptors live in a small global scratch buffer that torch allocates.
+
+    Triton keeps the allocator in a context variable, which autograd's backward thread does not
+    inherit, so it is set on every call that uses descriptors (it is cheap).
+    """
+    triton.set_allocator(_scratch)
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _meta(q, t_k, *tensors):

@@ -288,13 +288,17 @@ def main(argv: list[str]) -> dict:
                               f"{row['status']:8s} {row['ms']!s:>9s} ms {row['tflops']!s:>7s} TFLOP/s "
                               f"{row['peak_mem_mb']!s:>9s} MB", flush=True)
     ratios = _ratios(rows)
-    result = {"metrics": {"ratios": ratios, "min_ratio_vs_cudnn_fwd": min((v for k, v in ratios.items() if k.startswith("triton_fwd_sdpa_cudnn")), default=None),
-                          "min_ratio_vs_cudnn_fwdbwd": min((v for k, v in ratios.items() if k.startswith("triton_fwd+bwd_sdpa_cudnn")), default=None),
+
+    def worst(prefix):
+        return min((v for k, v in ratios.items() if k.startswith(prefix)), default=None)
+
+    result = {"metrics": {"ratios": ratios, "min_ratio_vs_cudnn_fwd": worst("triton_fwd_sdpa_cudnn"),
+                          "min_ratio_vs_cudnn_fwdbwd": worst("triton_fwd+bwd_sdpa_cudnn"),
                           "correctness_rel_err": correctness},
               "training_check": training,
               "provenance": provenance(command), "autotune": autotune_choices(), "rows": len(rows),
-              "settings": {"tokens": args.tokens, "width": args.width, "dtype": "bf16", "timer": "triton.testing.do_bench median",
-                           "rep_ms": args.rep}}
+              "settings": {"tokens": args.tokens, "width": args.width, "dtype": "bf16",
+                           "timer": "triton.testing.do_bench median", "rep_ms": args.rep}}
     if not args.no_write:
         from lmcore.utils import atomic_write
 

@@ -591,8 +591,8 @@ def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, r
     bfloat16 or float32; ``16 <= head_dim <= 128``. ``scale`` defaults to ``1/sqrt(head_dim)``.
     ``causal`` masks keys after the query position; with ``Tk > Tq`` the queries are the last
     ``Tq`` positions (query ``i`` sees keys ``j <= i + Tk - Tq``, the convention of a KV cache and of
-    ``lmcore.nn``; equal lengths give the usual lower-triangular mask). Differentiable in ``q, k, v``. With ``return_lse`` also
-    returns the row log-sum-exp ``L`` (natural log, fp32, shape ``(batch, heads, Tq)``).
+    ``lmcore.nn``; equal lengths give the usual lower-triangular mask). Differentiable in ``q, k, v``.
+    With ``return_lse`` also returns the row log-sum-exp ``L`` (natural log, fp32, shape ``(batch, heads, Tq)``).
     """
     out, lse = FlashAttentionTriton.apply(q, k, v, causal, scale)
     return (out, lse) if return_lse else out

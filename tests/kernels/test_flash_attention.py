@@ -162,3 +162,15 @@ def test_gpu_separate_lengths_odd_head_dim_noncontiguous(causal):
            layout="bthd")
     _check(flash_attention, 2, 3, 1300, 700, 16, False, torch.bfloat16, "cuda", tol=2e-2)
     _check(flash_attention, 2, 3, 300, 1300, 64, causal, torch.bfloat16, "cuda", tol=2e-2)
+
+
+@pytest.mark.skipif(CUDA, reason="the CPU branch of the benchmark (correctness only)")
+def test_bench_quick_on_cpu_checks_correctness_only(tmp_path):
+    from lmcore.bench.attention import _gpu_slug, main
+
+    result = main(["--quick", "--out-dir", str(tmp_path)])
+    assert result["metrics"]["passed"] and result["metrics"]["max_rel_err"] < 1e-4
+    assert not list(tmp_path.iterdir())  # nothing timed, nothing written
+    assert _gpu_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        main(["--out-dir", str(tmp_path)])

@@ -458,7 +458,7 @@ def _check_inputs(q, k, v, causal=False):
                          f"last {q.shape[2]} positions); got {q.shape[2]} queries and {k.shape[2]} keys")
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError(f"flash_attention runs on CUDA tensors (got {q.device}); on CPU set "
-                           "TRITON_INTERPRET=1 before triton is imported to use Triton's interpreter")
+                           "TRITON_INTERPRET=1 before importing lmcore.kernels to use Triton's interpreter")
 
 
 def _last_dim_contiguous(x):

@@ -174,3 +174,27 @@ def test_bench_quick_on_cpu_checks_correctness_only(tmp_path):
     assert _gpu_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         main(["--out-dir", str(tmp_path)])
+
+
+def test_transformer_with_flash_backends_matches_sdpa_including_kv_cache():
+    """The model gives the same logits with either flash backend, also when decoding from a cache."""
+    from lmcore.nn import KVCache, ModelConfig, TransformerLM
+
+    device = "cuda" if CUDA else "cpu"
+    tokens = torch.randint(0, 64, (2, 24), device=device)
+    logits = {}
+    for backend in ("sdpa", "flash_triton", "flash_torch"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=64, context_length=32, d_model=64, n_layers=2, n_heads=2, d_ff=96,
+                          attention_backend=backend)
+        model = TransformerLM(cfg).to(device)
+        with torch.no_grad():
+            full = model(tokens)  # (B, T, vocab)
+            cache = KVCache(cfg, batch_size=2, device=device)
+            prefix = model(tokens[:, :20], cache=cache)
+            steps = [model(tokens[:, t:t + 1], cache=cache) for t in range(20, 24)]  # one query, many keys
+        logits[backend] = (full, torch.cat([prefix, *steps], dim=1))
+    want = logits["sdpa"][0]
+    for backend, (full, cached) in logits.items():
+        assert _rel(full.cpu(), want.cpu()) < 1e-4, backend
+        assert _rel(cached.cpu(), want.cpu()) < 1e-4, f"{backend} with a KV cache"

@@ -186,6 +186,19 @@ def _decode(config: ModelConfig, device, new_tokens: int) -> dict:
     return out
 
 
+def _commit() -> str | None:
+    """The git commit of the lmcore checkout being measured, when there is one."""
+    import os
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(prog="python -m lmcore.bench train")
     parser.add_argument("--quick", action="store_true", help="tiny preset on CPU, a few steps")
@@ -202,7 +215,7 @@ def main(argv: list[str]) -> dict:
     compile_ = device.type == "cuda" and not args.no_compile
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    result = {"provenance": provenance(), "device": str(device), "compile": compile_, "dtype":
+    result = {"provenance": {**provenance(), "lmcore_commit": _commit()}, "device": str(device), "compile": compile_, "dtype":
               "bfloat16 autocast" if device.type == "cuda" else "float32", "metrics": {}, "memory": {}}
     for name in presets:
         config = ModelConfig.preset(name, attention_backend="sdpa")

@@ -81,6 +81,11 @@ def sdpa_attention(q, k, v, causal: bool = True, **options):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **options)
 
 
+#: Backends that handle fewer queries than keys (the queries being the last positions). Others are
+#: only called with equal lengths; cached decoding steps go through ``sdpa`` for them.
+_KNOWS_OFFSETS = {"reference", "vectorized", "sdpa"}
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with rotary positions and optional grouped-query heads.
 
@@ -117,5 +122,8 @@ class CausalSelfAttention(nn.Module):
             repeat = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(repeat, dim=1)  # (B, H, Tk, D)
             v = v.repeat_interleave(repeat, dim=1)  # (B, H, Tk, D)
-        y = self.attend(q, k, v, causal=True, **self.backend_options)  # (B, H, T, D)
+        if k.shape[-2] != T and self.backend_name not in _KNOWS_OFFSETS:
+            y = sdpa_attention(q, k, v, causal=True)  # decoding with a cache: queries are the last positions
+        else:
+            y = self.attend(q, k, v, causal=True, **self.backend_options)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, d)

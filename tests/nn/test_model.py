@@ -129,3 +129,19 @@ def test_backend_options_are_passed_through():
 
     TransformerLM(tiny(attention_backend="test_spy", attention_options={"block": 16}))(torch.zeros(1, 4, dtype=torch.long))
     assert seen == {"block": 16, "causal": True}
+
+
+def test_cached_decoding_with_a_backend_that_needs_equal_lengths():
+    from lmcore.nn.registry import register_attention_backend
+
+    @register_attention_backend("test_equal_lengths_only")
+    def equal_only(q, k, v, causal=True, **options):
+        assert q.shape[-2] == k.shape[-2], "this backend needs as many queries as keys"
+        return get_attention_backend("sdpa")(q, k, v, causal=causal)
+
+    torch.manual_seed(0)
+    model = TransformerLM(tiny(attention_backend="test_equal_lengths_only")).eval()
+    ids = torch.randint(0, 512, (1, 8))
+    cache = KVCache(model.config, 1)
+    steps = [model(ids[:, :5], cache)] + [model(ids[:, t:t + 1], cache) for t in range(5, 8)]
+    torch.testing.assert_close(torch.cat(steps, 1), model(ids), atol=1e-5, rtol=1e-5)

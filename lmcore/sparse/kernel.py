@@ -10,12 +10,17 @@ softmax, ``exp2`` with a ``log2(e)`` scale, recomputation in the backward pass):
   ``S = Q K_j^T``, ``m' = max(m, rowmax S)``, ``P = exp(S - m')``,
   ``l = l e^{m - m'} + rowsum P``, ``O = O e^{m - m'} + P V_j``; finally ``O / l`` and
   ``LSE = m + log l``;
-- backward: ``dV_j = sum_i P_ij^T dO_i`` and ``dK_j = sum_i dS_ij^T Q_i`` per key tile over the
-  *column* list of query blocks that see it, ``dQ_i = sum_j dS_ij K_j`` over the row list, with
-  ``P = exp(S - LSE)`` and ``dS = P (dO V^T - rowsum(dO * O))``.
+- backward: ``delta = rowsum(dO * O)`` (a small kernel), then ``dV_j = sum_i P_ij^T dO_i`` and
+  ``dK_j = sum_i dS_ij^T Q_i`` per key tile over the *column* list of query blocks that see it,
+  and ``dQ_i = sum_j dS_ij K_j`` over the row list, with ``P = exp(S - LSE)`` and
+  ``dS = P (dO V^T - delta)``.
 
 Blocks carry a flag: 1 = on the causal diagonal, 2 = sliding-window edge (``|q - k| < window``),
-4 = the ragged last block. Only flagged blocks pay for an element mask. A query row with no
+4 = touches the ragged end of the sequence. Each list holds its unflagged ("full") blocks first
+and its flagged ("edge") blocks after them, with the number of full ones: every kernel runs two
+loops, the first without any mask or bounds check, the second with the element mask, so only
+edge blocks pay for masking (as the dense kernel's separate diagonal stage does). Inside a
+diagonal block, key slices entirely above a query slice are skipped. A query row with no
 allowed key gets output 0 and ``LSE = +inf`` (so its backward terms are 0, never NaN).
 """
 
@@ -50,14 +55,20 @@ def interpreting() -> bool:
 
 @dataclass
 class BlockIndex:
-    """Row and column lists of a layout, padded to the longest list, as int32 tensors."""
+    """Row and column lists of a layout, padded to the longest list, as int32 tensors.
+
+    In every list the full (unflagged) blocks come first, in ascending order, then the flagged
+    edge blocks, in ascending order; ``*_full`` counts the former, ``*_cnt`` all entries.
+    """
 
     row_idx: torch.Tensor  # (Lb, Lh, nq, max_row) key block of each entry
     row_flag: torch.Tensor  # (Lb, Lh, nq, max_row) mask flags of each entry
     row_cnt: torch.Tensor  # (Lb, Lh, nq) entries per row
+    row_full: torch.Tensor  # (Lb, Lh, nq) unflagged entries per row (listed first)
     col_idx: torch.Tensor  # (Lb, Lh, nk, max_col)
     col_flag: torch.Tensor  # (Lb, Lh, nk, max_col)
     col_cnt: torch.Tensor  # (Lb, Lh, nk)
+    col_full: torch.Tensor  # (Lb, Lh, nk)
     window: int
     causal: bool
 
@@ -71,11 +82,15 @@ class BlockIndex:
 
 
 def _lists(blocks: torch.Tensor, flags: torch.Tensor):
-    """Sort each row's allowed blocks first (stable, so in ascending order) and keep as many as the longest row."""
+    """Per row: full allowed blocks, then flagged allowed blocks (each ascending), cut to the longest row."""
     cnt = blocks.sum(-1, dtype=torch.int32)
+    full = (blocks & (flags == 0)).sum(-1, dtype=torch.int32)
     width = max(int(cnt.max().item()) if cnt.numel() else 0, 1)
-    order = torch.sort(blocks.to(torch.int16), dim=-1, descending=True, stable=True).indices[..., :width]
-    return order.to(torch.int32).contiguous(), flags.gather(-1, order).to(torch.int32).contiguous(), cnt.contiguous()
+    rank = torch.where(blocks, (flags != 0).to(torch.int16), torch.full_like(flags, 2, dtype=torch.int16))
+    order = torch.sort(rank, dim=-1, stable=True).indices[..., :width]  # 0 full, 1 edge, 2 not allowed
+    idx = order.to(torch.int32).contiguous()
+    flag = flags.gather(-1, order).to(torch.int32).contiguous()
+    return idx, flag, cnt.contiguous(), full.contiguous()
 
 
 def block_index(layout: BlockLayout, causal: bool = False, device=None) -> BlockIndex:
@@ -95,8 +110,8 @@ def block_index(layout: BlockLayout, causal: bool = False, device=None) -> Block
     if causal:
         blocks = blocks & (kb <= qb)
         flags = flags + (kb == qb).to(torch.int32)
-    if layout.seq_len % layout.block_size:
-        flags = flags + (kb == n - 1).to(torch.int32) * 4
+    if layout.seq_len % layout.block_size:  # the last block, as keys or as queries, is ragged
+        flags = flags + ((kb == n - 1) | (qb == n - 1)).to(torch.int32) * 4
     flags = flags.expand(blocks.shape)
     row = _lists(blocks, flags)
     col = _lists(blocks.transpose(-1, -2), flags.transpose(-1, -2))
@@ -111,17 +126,51 @@ def block_index(layout: BlockLayout, causal: bool = False, device=None) -> Block
 if triton is not None:
 
     @triton.jit
-    def _element_mask(offs_m, offs_n, flag, T, window):
-        """(BLOCK_M, BLOCK_N) mask inside a flagged block: in range, causal if bit 1, in the band if bit 2."""
-        d = offs_m[:, None] - offs_n[None, :]  # query minus key
-        ok = offs_n[None, :] < T
+    def _keep(q_pos, k_pos, flag, T, window):
+        """Element mask inside a flagged block (``q_pos``, ``k_pos`` broadcast to the tile's shape):
+        key in range, causal if bit 1, inside the band if bit 2."""
+        d = q_pos - k_pos  # query minus key
+        ok = k_pos < T
         ok = ok & ((d >= 0) | ((flag & 1) == 0))
         ok = ok & (((d < window) & (d > -window)) | ((flag & 2) == 0))
         return ok
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE, RowIdx, RowFlag, RowCnt,
-                    H, T, qk_scale, window, stride_lb, stride_lh, MAX_ROW,
+    def _fwd_inner(acc, m_i, l_i, q, K, V, base, Idx, Flag, lst, lo, hi, offs_m, offs_d, T, qk_scale, window,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   MASKED: tl.constexpr, PRECISION: tl.constexpr):
+        """Online softmax over the BLOCK_N-wide key slices ``lo .. hi`` of the list at ``lst``."""
+        SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+        offs_n0 = tl.arange(0, BLOCK_N)
+        for it in range(lo, hi):
+            kb = tl.load(Idx + lst + it // SUB)
+            offs_n = kb * BLOCK_SIZE + (it % SUB) * BLOCK_N + offs_n0  # (BN,)
+            ptrs = base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+            if MASKED:  # edge block: keys past the end read as 0 and are masked below
+                k = tl.load(K + ptrs, mask=offs_n[:, None] < T, other=0.0)  # (BN, D)
+                v = tl.load(V + ptrs, mask=offs_n[:, None] < T, other=0.0)
+            else:
+                k = tl.load(K + ptrs)
+                v = tl.load(V + ptrs)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN) Q K^T, unscaled
+            if MASKED:
+                flag = tl.load(Flag + lst + it // SUB)
+                s = tl.where(_keep(offs_m[:, None], offs_n[None, :], flag, T, window), s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units (qk_scale > 0)
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far: no inf - inf
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+                m_use = m_new
+            p = tl.math.exp2(s * qk_scale - m_use[:, None])  # P = exp2(c S - m'): one multiply-add
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # O' = a O + P V
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE, RowIdx, RowFlag, RowCnt, RowFull,
+                    H, T, qk_scale, window, stride_lb, stride_lh, MAX_ROW, SEQ_BUCKET,
                     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # late (causally heavy) query tiles first
@@ -133,28 +182,24 @@ if triton is not None:
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
         row = b * stride_lb + h * stride_lh + (pid_m * BLOCK_M) // BLOCK_SIZE  # this tile's layout row
+        lst = row.to(tl.int64) * MAX_ROW
         cnt = tl.load(RowCnt + row)
+        full = tl.load(RowFull + row)
+        SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+        # a causal diagonal block is the last entry: skip its key slices wholly above this tile
+        last_flag = tl.load(RowFlag + lst + cnt - 1, mask=cnt > full, other=0)
+        r_last = (pid_m * BLOCK_M) % BLOCK_SIZE + BLOCK_M - 1  # this tile's last row inside its block
+        hi = cnt * SUB - tl.where((last_flag & 1) != 0, SUB - 1 - r_last // BLOCK_N, 0)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max (log2 units)
         l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp
         acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-        SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
-        for it in range(0, cnt * SUB):  # only the listed key blocks, in BLOCK_N-wide slices
-            kb = tl.load(RowIdx + row * MAX_ROW + it // SUB)
-            flag = tl.load(RowFlag + row * MAX_ROW + it // SUB)
-            offs_n = kb * BLOCK_SIZE + (it % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
-            kv_mask = offs_n[:, None] < T
-            k = tl.load(K + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # S = Q K^T / sqrt(d), log2 units
-            if flag != 0:
-                s = tl.where(_element_mask(offs_m, offs_n, flag, T, window), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked row so far: avoid inf - inf
-            p = tl.math.exp2(s - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        # stage 1: full blocks, no mask; stage 2: edge blocks (diagonal, window edge, ragged end)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, base, RowIdx, RowFlag, lst, 0, full * SUB,
+                                   offs_m, offs_d, T, qk_scale, window, BLOCK_SIZE, BLOCK_N, HEAD_DIM,
+                                   False, PRECISION)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, base, RowIdx, RowFlag, lst, full * SUB, hi,
+                                   offs_m, offs_d, T, qk_scale, window, BLOCK_SIZE, BLOCK_N, HEAD_DIM,
+                                   True, PRECISION)
         empty = l_i == 0.0
         acc = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
@@ -163,8 +208,51 @@ if triton is not None:
         tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, ColIdx, ColFlag, ColCnt,
-                         H, T, qk_scale, sm_scale, window, stride_lb, stride_lh, MAX_COL,
+    def _delta_kernel(O, DO, Delta, T, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """delta = rowsum(dO * O) in float32, without float32 copies of the two tensors."""
+        bh = tl.program_id(1).to(tl.int64)
+        offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        ptrs = bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        o = tl.load(O + ptrs, mask=offs_m[:, None] < T, other=0.0)
+        do = tl.load(DO + ptrs, mask=offs_m[:, None] < T, other=0.0)
+        tl.store(Delta + bh * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < T)
+
+    @triton.jit
+    def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, base, row_base, Idx, Flag, lst, lo, hi, offs_n, offs_d,
+                    T, qk_scale, window, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+        """Accumulate dK, dV of one key tile over the BLOCK_M-high query slices ``lo .. hi`` (with P^T)."""
+        SUB: tl.constexpr = BLOCK_SIZE // BLOCK_M
+        offs_m0 = tl.arange(0, BLOCK_M)
+        for it in range(lo, hi):
+            qb = tl.load(Idx + lst + it // SUB)
+            offs_m = qb * BLOCK_SIZE + (it % SUB) * BLOCK_M + offs_m0  # (BM,)
+            ptrs = base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+            if MASKED:  # rows past the end: q = dO = 0 and LSE = +inf, so P = 0
+                q = tl.load(Q + ptrs, mask=offs_m[:, None] < T, other=0.0)  # (BM, D)
+                do = tl.load(DO + ptrs, mask=offs_m[:, None] < T, other=0.0)
+                lse = tl.load(LSE + row_base + offs_m, mask=offs_m < T, other=float("inf"))
+                delta = tl.load(Delta + row_base + offs_m, mask=offs_m < T, other=0.0)
+            else:
+                q = tl.load(Q + ptrs)
+                do = tl.load(DO + ptrs)
+                lse = tl.load(LSE + row_base + offs_m)
+                delta = tl.load(Delta + row_base + offs_m)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # S^T (BN, BM), unscaled
+            p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])  # P^T = exp(S - LSE)^T
+            if MASKED:
+                flag = tl.load(Flag + lst + it // SUB)
+                p_t = tl.where(_keep(offs_m[None, :], offs_n[:, None], flag, T, window), p_t, 0.0)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # dV += P^T dO
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (dO V^T)^T
+            ds_t = p_t * (dp_t - delta[None, :])  # dS^T = P^T (dP^T - delta)
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)  # dK += dS^T Q
+        return dk, dv
+
+    @triton.jit
+    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, ColIdx, ColFlag, ColCnt, ColFull,
+                         H, T, qk_scale, sm_scale, window, stride_lb, stride_lh, MAX_COL, SEQ_BUCKET,
                          BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
         pid_n = tl.program_id(0)
@@ -172,40 +260,60 @@ if triton is not None:
         b = bh // H
         h = bh % H
         base = bh.to(tl.int64) * T * HEAD_DIM
+        row_base = bh.to(tl.int64) * T
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         kv_mask = offs_n[:, None] < T
         k = tl.load(K + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
         col = b * stride_lb + h * stride_lh + (pid_n * BLOCK_N) // BLOCK_SIZE
+        lst = col.to(tl.int64) * MAX_COL
         cnt = tl.load(ColCnt + col)
+        full = tl.load(ColFull + col)
+        SUB: tl.constexpr = BLOCK_SIZE // BLOCK_M
+        # a causal diagonal block is the first edge entry: skip its query slices wholly before this tile
+        first_flag = tl.load(ColFlag + lst + full, mask=cnt > full, other=0)
+        c_first = (pid_n * BLOCK_N) % BLOCK_SIZE  # this tile's first key inside its block
+        lo = full * SUB + tl.where((first_flag & 1) != 0, c_first // BLOCK_M, 0)
         dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
         dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
-        SUB: tl.constexpr = BLOCK_SIZE // BLOCK_M
-        for it in range(0, cnt * SUB):  # the query blocks that see this key block
-            qb = tl.load(ColIdx + col * MAX_COL + it // SUB)
-            flag = tl.load(ColFlag + col * MAX_COL + it // SUB)
-            offs_m = qb * BLOCK_SIZE + (it % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
-            q_mask = offs_m[:, None] < T
-            q = tl.load(Q + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(DO + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=q_mask, other=0.0)
-            lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("inf"))
-            delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # S^T (BLOCK_N, BLOCK_M)
-            p_t = tl.math.exp2(s_t - lse[None, :])  # P^T = exp(S - LSE)^T
-            if flag != 0:
-                p_t = tl.where(tl.trans(_element_mask(offs_m, offs_n, flag, T, window)), p_t, 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)  # dV += P^T dO
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (dO V^T)^T
-            ds_t = p_t * (dp_t - delta[None, :])  # dS^T = P^T (dP^T - delta)
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)  # dK += dS^T Q
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, base, row_base, ColIdx, ColFlag, lst, 0, full * SUB,
+                             offs_n, offs_d, T, qk_scale, window, BLOCK_SIZE, BLOCK_M, HEAD_DIM, False, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, base, row_base, ColIdx, ColFlag, lst, lo, cnt * SUB,
+                             offs_n, offs_d, T, qk_scale, window, BLOCK_SIZE, BLOCK_M, HEAD_DIM, True, PRECISION)
         dk = dk * sm_scale
         tl.store(DK + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, RowIdx, RowFlag, RowCnt,
-                       H, T, qk_scale, sm_scale, window, stride_lb, stride_lh, MAX_ROW,
+    def _dq_inner(dq, q, do, lse, delta, K, V, base, Idx, Flag, lst, lo, hi, offs_m, offs_d, T, qk_scale, window,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  MASKED: tl.constexpr, PRECISION: tl.constexpr):
+        """Accumulate dQ of one query tile over the key slices ``lo .. hi``."""
+        SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+        offs_n0 = tl.arange(0, BLOCK_N)
+        for it in range(lo, hi):
+            kb = tl.load(Idx + lst + it // SUB)
+            offs_n = kb * BLOCK_SIZE + (it % SUB) * BLOCK_N + offs_n0
+            ptrs = base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+            if MASKED:
+                k = tl.load(K + ptrs, mask=offs_n[:, None] < T, other=0.0)  # (BN, D)
+                v = tl.load(V + ptrs, mask=offs_n[:, None] < T, other=0.0)
+            else:
+                k = tl.load(K + ptrs)
+                v = tl.load(V + ptrs)
+            p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
+            if MASKED:
+                flag = tl.load(Flag + lst + it // SUB)
+                p = tl.where(_keep(offs_m[:, None], offs_n[None, :], flag, T, window), p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dP = dO V^T
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)  # dQ += dS K
+        return dq
+
+    @triton.jit
+    def _bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, RowIdx, RowFlag, RowCnt, RowFull,
+                       H, T, qk_scale, sm_scale, window, stride_lb, stride_lh, MAX_ROW, SEQ_BUCKET,
                        BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # late (causally heavy) query tiles first
@@ -221,62 +329,85 @@ if triton is not None:
         lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("inf"))
         delta = tl.load(Delta + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
         row = b * stride_lb + h * stride_lh + (pid_m * BLOCK_M) // BLOCK_SIZE
+        lst = row.to(tl.int64) * MAX_ROW
         cnt = tl.load(RowCnt + row)
-        dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+        full = tl.load(RowFull + row)
         SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
-        for it in range(0, cnt * SUB):
-            kb = tl.load(RowIdx + row * MAX_ROW + it // SUB)
-            flag = tl.load(RowFlag + row * MAX_ROW + it // SUB)
-            offs_n = kb * BLOCK_SIZE + (it % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
-            kv_mask = offs_n[:, None] < T
-            k = tl.load(K + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            p = tl.math.exp2(s - lse[:, None])
-            if flag != 0:
-                p = tl.where(_element_mask(offs_m, offs_n, flag, T, window), p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dP = dO V^T
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # dQ += dS K
+        last_flag = tl.load(RowFlag + lst + cnt - 1, mask=cnt > full, other=0)
+        r_last = (pid_m * BLOCK_M) % BLOCK_SIZE + BLOCK_M - 1
+        hi = cnt * SUB - tl.where((last_flag & 1) != 0, SUB - 1 - r_last // BLOCK_N, 0)
+        dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, base, RowIdx, RowFlag, lst, 0, full * SUB, offs_m, offs_d,
+                       T, qk_scale, window, BLOCK_SIZE, BLOCK_N, HEAD_DIM, False, PRECISION)
+        dq = _dq_inner(dq, q, do, lse, delta, K, V, base, RowIdx, RowFlag, lst, full * SUB, hi, offs_m, offs_d,
+                       T, qk_scale, window, BLOCK_SIZE, BLOCK_N, HEAD_DIM, True, PRECISION)
         dq = dq * sm_scale
         tl.store(DQ + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
-# Tile sizes. A tile never crosses a layout block: BLOCK_M and BLOCK_N must divide block_size.
-# On a GPU each kernel is autotuned over a few (BLOCK_M, BLOCK_N, num_warps, num_stages) per
-# (block_size, head_dim, dtype); under the interpreter one small tile keeps the CPU tests fast
-# and still exercises the loop over slices of a block.
-GPU_CONFIGS: dict[str, list[tuple[int, int, int, int]]] = {
-    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-    "dkdv": [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3)],
-    "dq": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+# Tile sizes: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel and head-dim class
+# ("small": head_dim <= 64, "large": above), led by the winners of the dense kernel's sweep on an
+# H100 (lmcore.kernels); a tile never crosses a layout block, so BLOCK_M and BLOCK_N must divide
+# block_size. On a GPU each kernel is autotuned over its class's candidates per (block_size,
+# head_dim, dtype, sequence-length bucket). Under the interpreter one small tile keeps the CPU
+# tests fast and still exercises the loop over slices of a block.
+GPU_CONFIGS: dict[str, dict[str, list[tuple[int, int, int, int]]]] = {
+    "fwd": {"small": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3)],
+            "large": [(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)]},
+    "dkdv": {"small": [(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (32, 128, 4, 3)],
+             "large": [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 2)]},
+    "dq": {"small": [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+           "large": [(128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3)]},
 }
+
+
+def _head_class(head_dim: int) -> str:
+    return "small" if head_dim <= 64 else "large"
 
 
 def _configs(kind: str):
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in GPU_CONFIGS[kind]]
+    seen = []
+    for group in GPU_CONFIGS[kind].values():
+        seen += [e for e in group if e not in seen]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in seen]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Keep tiles that fit inside one layout block (and at least one config)."""
-    bs = kwargs.get("BLOCK_SIZE", named_args.get("BLOCK_SIZE"))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= bs and c.kwargs["BLOCK_N"] <= bs]
-    if not kept:
-        c = configs[0]
-        kept = [triton.Config({"BLOCK_M": min(c.kwargs["BLOCK_M"], bs), "BLOCK_N": min(c.kwargs["BLOCK_N"], bs)},
-                              num_warps=c.num_warps, num_stages=c.num_stages)]
-    return kept
+def _pruner(kind: str):
+    """Keep the candidates of the call's head-dim class whose tiles fit inside one layout block."""
+
+    def prune(configs, named_args, **kwargs):
+        bs = kwargs.get("BLOCK_SIZE", named_args.get("BLOCK_SIZE"))
+        if interpreting():
+            return configs
+        hd = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        wanted = set(GPU_CONFIGS[kind][_head_class(hd)])
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= bs and c.kwargs["BLOCK_N"] <= bs
+                and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        if not kept:
+            bm, bn, w, st = GPU_CONFIGS[kind][_head_class(hd)][0]
+            kept = [triton.Config({"BLOCK_M": min(bm, bs), "BLOCK_N": min(bn, bs)}, num_warps=w, num_stages=st)]
+        return kept
+
+    return prune
+
+
+def _bench(kernel_call, quantiles):
+    """Time one candidate while autotuning (shorter than Triton's default)."""
+    return triton.testing.do_bench(kernel_call, warmup=10, rep=40, quantiles=quantiles)
 
 
 if triton is not None:
-    _KEY = ["BLOCK_SIZE", "HEAD_DIM", "PRECISION"]
-    _fwd = triton.autotune(_configs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
-    _dkdv = triton.autotune(_configs("dkdv"), key=_KEY,
-                            prune_configs_by={"early_config_prune": _prune})(_bwd_dkdv_kernel)
-    _dq = triton.autotune(_configs("dq"), key=_KEY, prune_configs_by={"early_config_prune": _prune})(_bwd_dq_kernel)
+    _KEY = ["BLOCK_SIZE", "HEAD_DIM", "PRECISION", "SEQ_BUCKET"]
+
+    def _tuned(kind, fn):
+        return triton.autotune(_configs(kind), key=_KEY, do_bench=_bench,
+                               prune_configs_by={"early_config_prune": _pruner(kind)})(fn)
+
+    _fwd = _tuned("fwd", _fwd_kernel)
+    _dkdv = _tuned("dkdv", _bwd_dkdv_kernel)
+    _dq = _tuned("dq", _bwd_dq_kernel)
 
 
 def autotune_choices() -> dict:
@@ -285,7 +416,8 @@ def autotune_choices() -> dict:
         return {}
     out = {}
     for name, kernel in (("fwd", _fwd), ("dkdv", _dkdv), ("dq", _dq)):
-        out[name] = {str(key): f"{cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages}"
+        out[name] = {str(tuple(k for k in key if "torch." not in str(k))):
+                     f"{cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages}"
                      for key, cfg in getattr(kernel, "cache", {}).items()}
     return out
 
@@ -294,17 +426,22 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _seq_bucket(n: int) -> int:
+    """Autotuning key for a sequence length: the next power of two."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, index: BlockIndex, block_size: int, scale: float):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         B, H, T, D = q.shape
         o = torch.empty_like(q)  # (B, H, T, D)
-        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # log2 units
+        lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)  # (B, H, T) log2 units
         slb, slh = index.strides(B, H)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _fwd[grid](q, k, v, o, lse, index.row_idx, index.row_flag, index.row_cnt,
-                   H, T, scale * LOG2E, index.window, slb, slh, index.row_idx.shape[-1],
+        _fwd[grid](q, k, v, o, lse, index.row_idx, index.row_flag, index.row_cnt, index.row_full,
+                   H, T, scale * LOG2E, index.window, slb, slh, index.row_idx.shape[-1], _seq_bucket(T),
                    BLOCK_SIZE=block_size, HEAD_DIM=D, PRECISION=_precision(q.dtype))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.index, ctx.block_size, ctx.scale = index, block_size, scale
@@ -316,17 +453,18 @@ class _BlockSparseAttention(torch.autograd.Function):
         index, block_size, scale = ctx.index, ctx.block_size, ctx.scale
         do = do.contiguous()
         B, H, T, D = q.shape
-        delta = (do.float() * o.float()).sum(-1)  # (B, H, T) rowsum(dO * O)
+        delta = torch.empty_like(lse)  # (B, H, T) rowsum(dO * O), float32
+        _delta_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, T, BLOCK=64, HEAD_DIM=D)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         slb, slh = index.strides(B, H)
-        prec = _precision(q.dtype)
+        prec, bucket = _precision(q.dtype), _seq_bucket(T)
         _dkdv[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](
-            q, k, v, do, lse, delta, dk, dv, index.col_idx, index.col_flag, index.col_cnt,
-            H, T, scale * LOG2E, scale, index.window, slb, slh, index.col_idx.shape[-1],
+            q, k, v, do, lse, delta, dk, dv, index.col_idx, index.col_flag, index.col_cnt, index.col_full,
+            H, T, scale * LOG2E, scale, index.window, slb, slh, index.col_idx.shape[-1], bucket,
             BLOCK_SIZE=block_size, HEAD_DIM=D, PRECISION=prec)
         _dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
-            q, k, v, do, lse, delta, dq, index.row_idx, index.row_flag, index.row_cnt,
-            H, T, scale * LOG2E, scale, index.window, slb, slh, index.row_idx.shape[-1],
+            q, k, v, do, lse, delta, dq, index.row_idx, index.row_flag, index.row_cnt, index.row_full,
+            H, T, scale * LOG2E, scale, index.window, slb, slh, index.row_idx.shape[-1], bucket,
             BLOCK_SIZE=block_size, HEAD_DIM=D, PRECISION=prec)
         return dq, dk, dv, None, None, None
 

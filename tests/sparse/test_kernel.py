@@ -55,6 +55,17 @@ def test_torch_gather_version_matches(causal):
                                masked_attention(q, k, v, layout.element_mask()), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name, params", [("dense", {}), ("local", {"window": 72}), ("local", {"window": 64}),
+                                          ("mixed", {"window": 20, "num_global": 32})],
+                         ids=["dense", "local-ragged-window", "local-aligned", "mixed"])
+def test_whole_blocks_use_the_unmasked_loop(name, params):
+    # T a multiple of the block size: most entries are full blocks (no mask, no bounds checks)
+    layout = make_layout(name, 128, BS, causal=True, **params)
+    index = block_index(layout)
+    assert int(index.row_full.sum()) > 0 and int(index.col_full.sum()) > 0
+    check_against_dense(layout, *qkv(t=128, seed=7))
+
+
 def test_causal_argument_on_a_non_causal_layout():
     layout = make_layout("local", T, BS, window=40)
     check_against_dense(layout, *qkv(), causal=True)
@@ -96,6 +107,28 @@ def test_block_index_lists_only_allowed_blocks():
     # flags: 1 on the causal diagonal, 2 on window edges
     assert index.row_flag[0, 0, 1, :2].tolist() == [2, 1]
     assert block_index(layout) is index  # built once per layout
+    assert index.row_full.flatten().tolist() == [0, 0, 0, 0]  # every block of a 16-token window is an edge
+
+
+def test_block_index_lists_full_blocks_before_edge_blocks():
+    layout = make_layout("local", 6 * 16, 16, causal=True, window=40)  # 2.5 blocks
+    index = block_index(layout)
+    cnt, full = index.row_cnt[0, 0].tolist(), index.row_full[0, 0].tolist()
+    assert cnt == [1, 2, 3, 4, 4, 4] and full == [0, 1, 1, 1, 1, 1]
+    assert index.row_idx[0, 0, 4, :4].tolist() == [3, 1, 2, 4]  # full block 3, window edges 1 and 2, diagonal 4
+    assert index.row_flag[0, 0, 4, :4].tolist() == [0, 2, 2, 1]
+    # columns: key block 1 is seen fully by query block 2, on the diagonal by 1, at the window's edge by 3, 4
+    assert index.col_idx[0, 0, 1, :4].tolist() == [2, 1, 3, 4] and index.col_full[0, 0, 1].item() == 1
+    for lists, cnts, fulls in ((index.row_flag, index.row_cnt, index.row_full),
+                               (index.col_flag, index.col_cnt, index.col_full)):
+        for f, c, n in zip(lists.reshape(-1, lists.shape[-1]).tolist(), cnts.flatten().tolist(), fulls.flatten().tolist()):
+            assert all(x == 0 for x in f[:n]) and all(x != 0 for x in f[n:c])
+
+
+def test_ragged_end_is_an_edge_for_queries_and_keys():
+    index = block_index(make_layout("dense", 72, 32, causal=False))
+    assert index.row_full[0, 0].tolist() == [2, 2, 0]  # the last query block is all edges
+    assert index.col_full[0, 0].tolist() == [2, 2, 0]
 
 
 def test_attention_backend():
@@ -153,4 +186,15 @@ def test_gpu_bf16_matches_dense(head_dim, block_size):
     t = 1000  # ragged
     layout = make_layout("bigbird", t, block_size, causal=True, window=200, num_global=block_size, num_random=2)
     q, k, v = qkv(b=2, h=3, t=t, d=head_dim, dtype=torch.bfloat16, device="cuda")
+    check_against_dense(layout.to("cuda"), q, k, v, atol=6e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("name, params", [("dense", {}), ("local", {"window": 320}), ("local", {"window": 256})])
+def test_gpu_bf16_whole_blocks_match_dense(name, params, head_dim):
+    t = 1024  # whole blocks: the unmasked loops and the diagonal-slice skipping at GPU tile sizes
+    layout = make_layout(name, t, 128, causal=True, **params)
+    q, k, v = qkv(b=1, h=4, t=t, d=head_dim, dtype=torch.bfloat16, device="cuda")
     check_against_dense(layout.to("cuda"), q, k, v, atol=6e-2)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -38,15 +39,30 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
 # ----------------------------------------------------------------------------- configurations
 def _bench(kernel_call, quantiles):
-    """Time one candidate configuration while autotuning (shorter than Triton's default)."""
-    return triton.testing.do_bench(kernel_call, warmup=10, rep=40, quantiles=quantiles)
+    """Time one candidate configuration while autotuning (shorter than Triton's default).
+
+    A candidate that fails to compile for this GPU or Triton version (too many resources, an
+    unsupported lowering) is reported and timed as infinitely slow instead of stopping the call.
+    """
+    try:
+        return triton.testing.do_bench(kernel_call, warmup=10, rep=40, quantiles=quantiles)
+    except (torch.cuda.OutOfMemoryError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - compile errors come as several exception types
+        if "CUDA error" in str(err):  # the context is broken: nothing else can be trusted
+            raise
+        warnings.warn(f"flash attention: a tuning candidate failed ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0][:200] if str(err) else ''}); skipped")
+        return [float("inf")] * len(quantiles) if quantiles else float("inf")
 
 
 # Candidates per kernel and head-dim class, from a sweep on an H100 (``LMCORE_FLASH_TUNE=wide``
-# times a larger grid; see lmcore/kernels/NOTES.md). Entries are (BLOCK_M, BLOCK_N, warps, stages).
+# times a larger grid; see lmcore/kernels/NOTES.md). Entries are (BLOCK_M, BLOCK_N, warps, stages),
+# forward entries optionally with a fifth, ``ahead``: 1 computes the next key tile's scores early.
 _CANDIDATES = {
-    "fwd": {"small": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)],
-            "large": [(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)],
+    "fwd": {"small": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4),
+                      (128, 64, 8, 3, 1), (64, 64, 4, 3, 1)],
+            "large": [(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3, 1), (64, 64, 4, 3, 1)],
             "fp32": [(64, 32, 4, 2)]},
     "dkdv": {"small": [(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
              "large": [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3)],
@@ -60,9 +76,14 @@ _INTERPRET_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
 
 def _as_config(kind, entry):
-    bm, bn, warps, stages = entry
+    """``(BLOCK_M, BLOCK_N, warps, stages[, ahead])`` as a Triton config; ``ahead`` (forward only):
+    issue the next tile's ``Q K^T`` before this tile's softmax."""
+    bm, bn, warps, stages = entry[:4]
     m, n = _BLOCK_NAMES[kind]
-    return triton.Config({m: bm, n: bn}, num_warps=warps, num_stages=stages)
+    params = {m: bm, n: bn}
+    if kind == "fwd":
+        params["AHEAD"] = bool(entry[4]) if len(entry) > 4 else False
+    return triton.Config(params, num_warps=warps, num_stages=stages)
 
 
 def _configs(kind):
@@ -159,6 +180,26 @@ def _store_tile(ptrs, x, rows, n_rows, offs_d, head_dim, EVEN_D: tl.constexpr):
 
 # ----------------------------------------------------------------------------- forward
 @triton.jit
+def _fwd_update(acc, m_i, l_i, s, V, start_n, cols, stride_vt, offs_m, offs_d, t_q, t_k, head_dim, qk_scale,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    """One key tile of the online softmax, given its scores ``s = Q K^T`` (unscaled, (BM, BN))."""
+    if MASKED:  # diagonal or tail tile: hide keys past the end and above the diagonal
+        keep = cols[None, :] < t_k
+        if CAUSAL:  # query i is position i + (t_k - t_q): it sees keys j <= i + t_k - t_q
+            keep = keep & (cols[None, :] <= offs_m[:, None] + (t_k - t_q))
+        s = tl.where(keep, s, -1.0e6)
+    # S = c * Q K^T in log2 units (c = scale * log2 e > 0, so the max commutes with c)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # m' = max(m, rowmax S)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])  # P = exp2(S - m'): one fused multiply-add
+    alpha = tl.math.exp2(m_i - m_new)  # alpha = exp2(m - m')
+    l_i = l_i * alpha + tl.sum(p, 1)  # l' = alpha l + rowsum P
+    v = _load_rows(V, start_n, cols, stride_vt, t_k, offs_d, head_dim, MASKED, EVEN_D, USE_TMA)  # (BN, D)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # O' = alpha O + P V
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo, hi, t_q, t_k, head_dim,
                qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                EVEN_D: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
@@ -168,19 +209,30 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo,
         cols = start_n + offs_n  # (BN,)
         k = _load_rows(K, start_n, cols, stride_kt, t_k, offs_d, head_dim, MASKED, EVEN_D, USE_TMA)  # (BN, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN): Q K^T, unscaled
-        if MASKED:  # diagonal or tail tile: hide keys past the end and above the diagonal
-            keep = cols[None, :] < t_k
-            if CAUSAL:  # query i is position i + (t_k - t_q): it sees keys j <= i + t_k - t_q
-                keep = keep & (cols[None, :] <= offs_m[:, None] + (t_k - t_q))
-            s = tl.where(keep, s, -1.0e6)
-        # S = c * Q K^T in log2 units (c = scale * log2 e > 0, so the max commutes with c)
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # m' = max(m, rowmax S)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])  # P = exp2(S - m'): one fused multiply-add
-        alpha = tl.math.exp2(m_i - m_new)  # alpha = exp2(m - m')
-        l_i = l_i * alpha + tl.sum(p, 1)  # l' = alpha l + rowsum P
-        v = _load_rows(V, start_n, cols, stride_vt, t_k, offs_d, head_dim, MASKED, EVEN_D, USE_TMA)  # (BN, D)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # O' = alpha O + P V
-        m_i = m_new
+        acc, m_i, l_i = _fwd_update(acc, m_i, l_i, s, V, start_n, cols, stride_vt, offs_m, offs_d, t_q, t_k,
+                                    head_dim, qk_scale, MASKED, CAUSAL, EVEN_D, PRECISION, USE_TMA)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_inner_ahead(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo, hi, t_q, t_k, head_dim,
+                     qk_scale, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+                     PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """The unmasked stage (hi > lo) with Q K^T of the next tile issued before the softmax of this
+    one, so the tensor cores can work on it while the softmax runs (software pipelining by hand)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    k = _load_rows(K, lo, lo + offs_n, stride_kt, t_k, offs_d, head_dim, False, EVEN_D, USE_TMA)  # (BN, D)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN): scores of tile `lo`
+    for start_n in tl.range(lo + BLOCK_N, hi, BLOCK_N):
+        k = _load_rows(K, start_n, start_n + offs_n, stride_kt, t_k, offs_d, head_dim, False, EVEN_D, USE_TMA)
+        s_next = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # scores of the next tile, ahead
+        prev = start_n - BLOCK_N
+        acc, m_i, l_i = _fwd_update(acc, m_i, l_i, s, V, prev, prev + offs_n, stride_vt, offs_m, offs_d, t_q,
+                                    t_k, head_dim, qk_scale, False, CAUSAL, EVEN_D, PRECISION, USE_TMA)
+        s = s_next
+    last = hi - BLOCK_N
+    acc, m_i, l_i = _fwd_update(acc, m_i, l_i, s, V, last, last + offs_n, stride_vt, offs_m, offs_d, t_q, t_k,
+                                head_dim, qk_scale, False, CAUSAL, EVEN_D, PRECISION, USE_TMA)
     return acc, m_i, l_i
 
 
@@ -192,7 +244,7 @@ def _fwd_kernel(Q, K, V, O, L,
                 n_heads, t_q, t_k, head_dim, qk_scale, SEQ_BUCKET,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
                 PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                BLOCK_N: tl.constexpr, AHEAD: tl.constexpr):
     if CAUSAL:  # longest rows (most key tiles) first, so the last wave is short
         start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
@@ -221,8 +273,15 @@ def _fwd_kernel(Q, K, V, O, L,
     else:
         free_hi = full_k
         hi = t_k
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, skt, svt, offs_m, offs_d, 0, free_hi,
-                               t_q, t_k, head_dim, qk_scale, BLOCK_N, False, CAUSAL, EVEN_D, PRECISION, USE_TMA)
+    if AHEAD:  # the scores of the next key tile computed before the softmax of this one
+        if free_hi > 0:
+            acc, m_i, l_i = _fwd_inner_ahead(acc, m_i, l_i, q, k_src, v_src, skt, svt, offs_m, offs_d, 0,
+                                             free_hi, t_q, t_k, head_dim, qk_scale, BLOCK_N, CAUSAL, EVEN_D,
+                                             PRECISION, USE_TMA)
+    else:
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, skt, svt, offs_m, offs_d, 0, free_hi,
+                                   t_q, t_k, head_dim, qk_scale, BLOCK_N, False, CAUSAL, EVEN_D, PRECISION,
+                                   USE_TMA)
     # stage 2: the diagonal tiles (causal) and the ragged tail (any length): masked
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, skt, svt, offs_m, offs_d, free_hi, hi,
                                t_q, t_k, head_dim, qk_scale, BLOCK_N, True, CAUSAL, EVEN_D, PRECISION, USE_TMA)
@@ -501,6 +560,47 @@ def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+#: Configurations forced by ``forced_configs`` (kernel kind -> (BLOCK_M, BLOCK_N, warps, stages)).
+_FORCED: dict = {}
+#: The compiled kernel of the latest launch of each kind (registers, spills, shared memory, SASS).
+LAST_COMPILED: dict = {}
+
+
+class forced_configs:
+    """``with forced_configs(fwd=(128, 128, 8, 3)):`` launches that configuration instead of autotuning.
+
+    Kinds are ``fwd``, ``dkdv`` and ``dq``; entries are ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``.
+    For profiling and for comparing configurations outside the autotuner.
+    """
+
+    def __init__(self, **entries):
+        unknown = set(entries) - set(_BLOCK_NAMES)
+        if unknown:
+            raise ValueError(f"unknown kernel kinds {sorted(unknown)}; expected some of {sorted(_BLOCK_NAMES)}")
+        self.entries = {k: v for k, v in entries.items() if v is not None}
+
+    def __enter__(self):
+        self.saved = dict(_FORCED)
+        _FORCED.update(self.entries)
+        return self
+
+    def __exit__(self, *exc):
+        _FORCED.clear()
+        _FORCED.update(self.saved)
+
+
+def _launch(kind, kernel, grid, *args, **kwargs):
+    """Launch through the autotuner, or with the configuration forced for this kind."""
+    if kind in _FORCED:
+        cfg = _as_config(kind, _FORCED[kind])
+        handle = kernel.fn[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
+                                 num_stages=cfg.num_stages)
+    else:
+        handle = kernel[grid](*args, **kwargs)
+    LAST_COMPILED[kind] = handle
+    return handle
+
+
 def _meta(q, t_k, *tensors):
     d = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(d))
@@ -515,9 +615,9 @@ def flash_forward_triton(q, k, v, causal: bool, scale: float):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)  # (B, H, Tq, D)
     lse2 = torch.empty((bsz, heads, t_q), device=q.device, dtype=torch.float32)  # (B, H, Tq)
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), bsz * heads)  # noqa: E731
-    _fwd_kernel[grid](q, k, v, out, lse2, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                      *out.stride()[:3], heads, t_q, t_k, d, scale * LOG2E, CAUSAL=bool(causal),
-                      **_meta(q, t_k, k, v))
+    _launch("fwd", _fwd_kernel, grid, q, k, v, out, lse2, *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *out.stride()[:3], heads, t_q, t_k, d, scale * LOG2E, CAUSAL=bool(causal),
+            **_meta(q, t_k, k, v))
     return out, lse2
 
 
@@ -536,12 +636,12 @@ def flash_backward_triton(q, k, v, out, lse2, dout, causal: bool, scale: float):
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     grid_kv = lambda m: (triton.cdiv(t_k, m["BLOCK_N1"]), bsz * heads)  # noqa: E731
-    _bwd_dkdv_kernel[grid_kv](q, k, v, dout, dk, dv, lse2, delta, *strides, *dk.stride()[:3],
-                              *dv.stride()[:3], heads, t_q, t_k, d, scale * LOG2E, scale,
-                              CAUSAL=bool(causal), **meta)
+    _launch("dkdv", _bwd_dkdv_kernel, grid_kv, q, k, v, dout, dk, dv, lse2, delta, *strides,
+            *dk.stride()[:3], *dv.stride()[:3], heads, t_q, t_k, d, scale * LOG2E, scale,
+            CAUSAL=bool(causal), **meta)
     grid_q = lambda m: (triton.cdiv(t_q, m["BLOCK_M2"]), bsz * heads)  # noqa: E731
-    _bwd_dq_kernel[grid_q](q, k, v, dout, dq, lse2, delta, *strides, *dq.stride()[:3], heads, t_q,
-                           t_k, d, scale * LOG2E, scale, CAUSAL=bool(causal), **meta)
+    _launch("dq", _bwd_dq_kernel, grid_q, q, k, v, dout, dq, lse2, delta, *strides, *dq.stride()[:3],
+            heads, t_q, t_k, d, scale * LOG2E, scale, CAUSAL=bool(causal), **meta)
     return dq, dk, dv
 
 

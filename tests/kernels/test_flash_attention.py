@@ -198,3 +198,21 @@ def test_transformer_with_flash_backends_matches_sdpa_including_kv_cache():
     for backend, (full, cached) in logits.items():
         assert _rel(full.cpu(), want.cpu()) < 1e-4, backend
         assert _rel(cached.cpu(), want.cpu()) < 1e-4, f"{backend} with a KV cache"
+
+
+@pytest.mark.parametrize("t_q,t_k,causal", [(80, 80, True), (80, 80, False), (48, 80, True), (37, 53, True)])
+def test_forward_with_scores_computed_one_tile_ahead(t_q, t_k, causal):
+    """The software-pipelined forward (next tile's Q K^T issued before this tile's softmax) is exact."""
+    from lmcore.kernels.flash_triton import forced_configs
+
+    device = "cuda" if CUDA else "cpu"
+    entry = (32, 16, 4, 1, 1) if not CUDA else (64, 64, 4, 3, 1)
+    with forced_configs(fwd=entry):
+        _check(flash_attention, 2, 2, t_q, t_k, 32, causal, torch.float32, device, tol=1e-4)
+
+
+def test_forced_configs_rejects_unknown_kernels():
+    from lmcore.kernels.flash_triton import forced_configs
+
+    with pytest.raises(ValueError, match="unknown kernel kinds"):
+        forced_configs(attention=(64, 64, 4, 3))

@@ -60,9 +60,8 @@ def _bench(kernel_call, quantiles):
 # times a larger grid; see lmcore/kernels/NOTES.md). Entries are (BLOCK_M, BLOCK_N, warps, stages),
 # forward entries optionally with a fifth, ``ahead``: 1 computes the next key tile's scores early.
 _CANDIDATES = {
-    "fwd": {"small": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4),
-                      (128, 64, 8, 3, 1), (64, 64, 4, 3, 1)],
-            "large": [(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3, 1), (64, 64, 4, 3, 1)],
+    "fwd": {"small": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)],
+            "large": [(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)],
             "fp32": [(64, 32, 4, 2)]},
     "dkdv": {"small": [(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
              "large": [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3)],
@@ -71,6 +70,11 @@ _CANDIDATES = {
            "large": [(128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
            "fp32": [(64, 32, 4, 2)]},
 }
+#: Forward candidates that compute the next key tile's scores ahead of this tile's softmax; tuned
+#: over only with ``LMCORE_FLASH_AHEAD=1`` (not yet timed on a GPU: see NOTES.md).
+AHEAD_ENV = "LMCORE_FLASH_AHEAD"
+_AHEAD_CANDIDATES = {"small": [(128, 64, 8, 3, 1), (64, 64, 4, 3, 1)],
+                     "large": [(128, 64, 8, 3, 1), (64, 64, 4, 3, 1)], "fp32": []}
 _BLOCK_NAMES = {"fwd": ("BLOCK_M", "BLOCK_N"), "dkdv": ("BLOCK_M1", "BLOCK_N1"), "dq": ("BLOCK_M2", "BLOCK_N2")}
 _INTERPRET_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
@@ -98,7 +102,8 @@ def _configs(kind):
                 for w in (4, 8) for st in (2, 3, 4)
                 if (bm % bn == 0 if kind != "dkdv" else bn % bm == 0)]
     seen, out = set(), []
-    for group in _CANDIDATES[kind].values():
+    groups = list(_CANDIDATES[kind].values()) + (list(_AHEAD_CANDIDATES.values()) if kind == "fwd" else [])
+    for group in groups:
         for entry in group:
             if entry not in seen:
                 seen.add(entry)
@@ -117,7 +122,10 @@ def _pruner(kind):
             group = "fp32"
         else:
             group = "small" if head_dim <= 64 else "large"
-        wanted = [_as_config(kind, e) for e in _CANDIDATES[kind][group]]
+        entries = list(_CANDIDATES[kind][group])
+        if kind == "fwd" and os.environ.get(AHEAD_ENV) == "1":
+            entries += _AHEAD_CANDIDATES[group]
+        wanted = [_as_config(kind, e) for e in entries]
         keys = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in wanted}
         kept = [c for c in configs if (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) in keys]
         return kept or configs[:1]

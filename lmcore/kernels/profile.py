@@ -7,8 +7,9 @@ On a CUDA GPU, in this order (each step can be skipped; each writes a text file 
 2. ``ncu-*.txt/csv``: an Nsight Compute profile (speed of light, pipe use, occupancy, warp stalls)
    of our forward and backward kernels and of the cuDNN SDPA kernels at one shape (bf16, causal,
    head dim 128, T=4096 by default), only the launches inside a profiler range, after autotuning.
-3. ``configs.txt``: every candidate configuration of each kernel launched directly: time,
-   registers, spills, shared memory and the matrix instructions in its machine code.
+3. ``configs.txt``: every candidate configuration of each kernel launched directly (the forward's
+   "scores one tile ahead" candidates too): time, registers, spills, shared memory and the
+   matrix and special-function instructions in its machine code.
 4. ``outlier.txt``: the backward at T=512 against T=1024, per kernel, with the tile sizes tuned on
    the timed shape and on a small shape first (the order of the recorded benchmark).
 
@@ -359,13 +360,16 @@ def main(argv: list[str] | None = None) -> dict:
         result["ncu"] = ncu_profile(out, d, t, bool(c))
         print("== ncu\n" + result["ncu"], f"\n({time.time() - t0:.0f} s)", flush=True)
     if "configs" not in args.skip:
+        from lmcore.kernels import flash_triton as ft
+
         rows = []
         for shape in args.config_shapes.split(";"):
             if time.time() - t0 > args.budget - 150:
                 print("configs: time budget spent, skipping", shape, flush=True)
                 continue
             d, t, c = (int(x) for x in shape.split(","))
-            rows += config_report(d, t, bool(c))
+            group = "small" if d <= 64 else "large"
+            rows += config_report(d, t, bool(c), extra={"fwd": ft._AHEAD_CANDIDATES[group]})
         (out / "configs.txt").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         result["configs"] = rows
         print(f"== configs ({time.time() - t0:.0f} s)", flush=True)

@@ -100,9 +100,16 @@ def init_from_env(backend: str | None = None, timeout: float = DEFAULT_COLLECTIV
     """Join the group that ``torchrun`` (or ``launch``) described in RANK, WORLD_SIZE, LOCAL_RANK.
 
     Without those variables this is a single process: returns rank 0 of 1 without creating a group.
+    Inside a group that already exists (a function run by ``launch``), describes that group.
     """
     import torch
+    import torch.distributed as dist
 
+    if dist.is_initialized():
+        backend = dist.get_backend()
+        local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+        device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend, device)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         return DistInfo(0, 1, 0, "none", device)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lmcore.distributed.wrap import DDP_KINDS, maybe_no_sync, sync_gradients
 from lmcore.nn import ModelConfig, TransformerLM
 from lmcore.train.batches import get_batch
 from lmcore.train.checkpoint import config_differences, load_checkpoint, save_checkpoint, set_rng_state
@@ -24,7 +25,8 @@ DTYPES = ("auto", "float32", "bfloat16")
 
 #: Fields that only change how a run is observed or where it runs; all others must match to resume.
 RESUME_MAY_CHANGE = frozenset({"eval_interval", "eval_iters", "log_interval", "checkpoint_interval",
-                               "out_dir", "device", "compile", "progress"})
+                               "out_dir", "device", "compile", "progress", "ddp", "bucket_size_mb",
+                               "sharded_optimizer"})
 
 
 @dataclass
@@ -53,6 +55,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute block activations in backward
     seed: int = 0
     progress: bool = True  # progress bar
+    ddp: str = "none"  # data parallelism over the ranks torchrun started: none/naive/overlapped/bucketed/torch
+    bucket_size_mb: float = 25.0  # bucket size of ddp="bucketed" and ddp="torch"
+    sharded_optimizer: bool = False  # ZeRO-1: each rank keeps optimizer state for its shard only
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "max_iters", "eval_iters", "log_interval", "eval_interval"):
@@ -62,6 +67,10 @@ class TrainConfig:
         if self.warmup_iters < 0 or self.checkpoint_interval < 0:
             raise ValueError(f"warmup_iters={self.warmup_iters} and checkpoint_interval="
                              f"{self.checkpoint_interval} must be >= 0")
+        if self.ddp not in DDP_KINDS:
+            raise ValueError(f"TrainConfig.ddp={self.ddp!r} is not one of {DDP_KINDS}")
+        if not self.bucket_size_mb > 0:
+            raise ValueError(f"TrainConfig.bucket_size_mb={self.bucket_size_mb!r} must be > 0")
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype={self.dtype!r} is not one of {DTYPES}")
         if not self.lr > 0 or self.min_lr < 0:
@@ -85,12 +94,27 @@ class TrainResult:
         return vals[-1] if vals else None
 
 
-def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> AdamW:
-    """AdamW with weight decay on matrices only (norm gains are not decayed)."""
+def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, sharded: bool = False):
+    """AdamW with weight decay on matrices only (norm gains are not decayed); ZeRO-1 sharded if asked."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     other = [p for p in model.parameters() if p.ndim < 2]
-    return AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
-                 lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if sharded:
+        from lmcore.distributed import ShardedOptimizer
+
+        return ShardedOptimizer(groups, AdamW, **kwargs)
+    return AdamW(groups, **kwargs)
+
+
+def data_parallel_group(cfg: TrainConfig):
+    """The ``DistInfo`` of a data-parallel run (``torchrun``/``launch`` started several ranks), else None."""
+    if cfg.ddp == "none" and not cfg.sharded_optimizer:
+        return None
+    from lmcore.distributed import init_from_env
+
+    info = init_from_env()
+    return info if info.world_size > 1 else None  # one process: nothing to synchronise
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -132,12 +156,14 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
     ``resume`` continues from a checkpoint (which must come from the same configuration);
     ``stop_at`` ends the run early at that iteration (the schedule still spans ``max_iters``).
     """
-    device = get_device(cfg.device)
-    seed_everything(cfg.seed)
+    group = data_parallel_group(cfg)
+    rank, world = (group.rank, group.world_size) if group else (0, 1)
+    device = group.device if group else get_device(cfg.device)
+    seed_everything(cfg.seed)  # the same initial weights on every rank
     model = TransformerLM(model_config).to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
-    optimizer = configure_optimizer(model, cfg)
-    batches = torch.Generator().manual_seed(cfg.seed + 1)
+    optimizer = configure_optimizer(model, cfg, sharded=group is not None and cfg.sharded_optimizer)
+    batches = torch.Generator().manual_seed(cfg.seed + 1 + rank)  # each rank draws its own batches
     config = {"model": model_config.to_dict(), "train": cfg.to_dict()}
     start = 0
     if resume is not None:
@@ -151,23 +177,35 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
         optimizer.load_state_dict(payload["optimizer"])
         set_rng_state(payload["rng"], batches)
         start = payload["iteration"]
+        if world > 1:  # the checkpoint holds rank 0's generator; give every rank its own stream again
+            batches.manual_seed(cfg.seed + 1 + rank + 1_000_003 * start)
+    if group is not None:
+        from lmcore.distributed import wrap_model
+
+        net = wrap_model(model, cfg.ddp, bucket_size_mb=cfg.bucket_size_mb)  # averages gradients over ranks
+    else:
+        net = model
     def loss_of(x, y):
-        return cross_entropy(model(x), y)
+        return cross_entropy(net(x), y)
 
     loss_of_batch = torch.compile(loss_of) if cfg.compile else loss_of  # the loss compiles with the model
     end = cfg.max_iters if stop_at is None else min(stop_at, cfg.max_iters)
     out = cfg.out_dir
-    log = MetricsLog(os.path.join(out, "metrics.jsonl") if out else None, append=resume is not None)
+    writer = rank == 0  # only rank 0 logs and writes files
+    log = MetricsLog(os.path.join(out, "metrics.jsonl") if out and writer else None, append=resume is not None)
     ckpt_path = os.path.join(out, "ckpt.pt") if out else None
-    tokens_per_iter = cfg.batch_size * model_config.context_length * cfg.grad_accum
+    tokens_per_iter = cfg.batch_size * model_config.context_length * cfg.grad_accum * world
 
     def save(iteration):
-        save_checkpoint(ckpt_path, model=model, optimizer=optimizer, iteration=iteration, config=config,
-                        batch_generator=batches)
+        # a sharded optimizer merges its shards (a collective: every rank takes part)
+        state = optimizer.full_state_dict() if hasattr(optimizer, "full_state_dict") else None
+        if writer:
+            save_checkpoint(ckpt_path, model=model, optimizer=optimizer, iteration=iteration, config=config,
+                            batch_generator=batches, optimizer_state=state)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start, end), disable=not cfg.progress, desc="training", leave=False)
+    bar = tqdm(range(start, end), disable=not (cfg.progress and writer), desc="training", leave=False)
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -177,12 +215,14 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             x, y = get_batch(train_tokens, cfg.batch_size, model_config.context_length, device, batches)
-            with autocast_for(device, cfg.dtype):
-                loss = loss_of_batch(x, y) / cfg.grad_accum
-            loss.backward()
+            with maybe_no_sync(net, micro < cfg.grad_accum - 1):  # synchronise on the last micro-batch only
+                with autocast_for(device, cfg.dtype):
+                    loss = loss_of_batch(x, y) / cfg.grad_accum
+                loss.backward()
             loss_sum += loss.detach()
+        sync_gradients(net)  # wait for the averaged gradients (a no-op without data parallelism)
         grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -207,5 +247,6 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
     final = max(end, start)
     if ckpt_path:
         save(final)
-        plot_metrics(log.records, os.path.join(out, "curves.png"))
+        if writer:
+            plot_metrics(log.records, os.path.join(out, "curves.png"))
     return TrainResult(model=model, optimizer=optimizer, iteration=final, history=log.records, checkpoint=ckpt_path)

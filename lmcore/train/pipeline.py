@@ -12,6 +12,17 @@ A config is a YAML mapping (see ``lmcore/train/configs/stories-tiny.yaml``)::
     sample: {prompt: "Once upon a time", max_new_tokens: 80, temperature: 0.8, top_p: 0.95}
 
 ``--set train.lr=1e-3`` (dotted keys, YAML values) overrides any entry.
+
+Data-parallel: start one process per GPU (or CPU process) with ``torchrun`` and choose a wrapper::
+
+    torchrun --nproc-per-node 2 -m lmcore.train --config stories-tiny --ddp bucketed --sharded-optimizer
+
+Several nodes join through a rendezvous endpoint, the same command on each node::
+
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
+        --rdzv-id run1 -m lmcore.train --config ... --ddp torch
+
+Rank 0 prepares the data, logs, samples and writes checkpoints; every rank trains on its own batches.
 """
 
 from __future__ import annotations
@@ -158,13 +169,29 @@ def run(config: dict, progress: bool = True, resume: bool = False) -> dict:
     from lmcore.train.functional import unigram_cross_entropy
     from lmcore.train.loop import train
 
-    data = prepare_data(config, progress)
+    from lmcore.train.loop import data_parallel_group
+
+    _, probe = model_and_train_configs(config)  # validates the settings before any work
+    group = data_parallel_group(probe)
+    if group is not None and group.rank != 0:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 writes the corpus, tokenizer and token files first
+        data = prepare_data(config, progress=False)
+    else:
+        data = prepare_data(config, progress)
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.barrier()
     tokenizer = data["tokenizer"]
     train_tokens, val_tokens = load_tokens(data["train.npy"]), load_tokens(data["val.npy"])
     model_config, train_config = model_and_train_configs(config, tokenizer.vocab_size)
     train_config = dataclasses.replace(train_config, progress=progress and train_config.progress)
     checkpoint = os.path.join(config["out_dir"], "ckpt.pt") if resume else None
     result = train(model_config, train_config, train_tokens, val_tokens, resume=checkpoint)
+    if group is not None and group.rank != 0:
+        return {"rank": group.rank, "iterations": result.iteration}
     s = config["sample"]
     samples = [generate_text(result.model, tokenizer, s["prompt"], s["max_new_tokens"], s["temperature"],
                              top_p=s.get("top_p"), top_k=s.get("top_k"), seed=config["seed"] + i)

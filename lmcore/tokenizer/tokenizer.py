@@ -23,6 +23,19 @@ from lmcore.tokenizer.patterns import CL100K_PATTERN, GPT2_PATTERN, resolve_patt
 _NO_MERGE = (float("inf"), -1)  # the rank of a pair that is not a merge
 
 
+def merge(ids: list[int], a: int, b: int, new: int) -> list[int]:
+    """``ids`` with every non-overlapping occurrence of the pair ``(a, b)``, left to right, replaced by ``new``."""
+    out, i, n = [], 0, len(ids)
+    while i < n:
+        if i + 1 < n and ids[i] == a and ids[i + 1] == b:
+            out.append(new)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer.
 
@@ -112,16 +125,7 @@ class Tokenizer:
             if ranks.count(best) == 1:  # the usual case: one occurrence
                 ids[i:i + 2] = [best[1]]
                 continue
-            a, b, merged = ids[i], ids[i + 1], best[1]
-            out, n = ids[:i], len(ids)
-            while i < n:
-                if i + 1 < n and ids[i] == a and ids[i + 1] == b:
-                    out.append(merged)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
+            ids = ids[:i] + merge(ids[i:], ids[i], ids[i + 1], best[1])
         return ids
 
     def _bpe_ranks(self, piece: bytes) -> list[int]:

@@ -21,7 +21,7 @@ from typing import Iterable
 
 from lmcore.tokenizer import pretokenize
 from lmcore.tokenizer.patterns import GPT2_PATTERN, check_special_tokens, resolve_pattern
-from lmcore.tokenizer.tokenizer import Tokenizer
+from lmcore.tokenizer.tokenizer import Tokenizer, merge
 
 
 def _order_key(token: bytes) -> tuple[int, ...]:
@@ -68,16 +68,8 @@ def merge_words(word_counts: dict[tuple[int, ...], int], vocab: dict[int, bytes]
         delta: dict[tuple[int, int], int] = defaultdict(int)
         for index in where.pop((a, b)):
             word = words[index]
-            n = len(word)
-            out, i = [], 0
-            while i < n:
-                if i + 1 < n and word[i] == a and word[i + 1] == b:
-                    out.append(new)
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            if len(out) == n:  # an old index entry: the pair left this word earlier
+            out = merge(word, a, b, new)
+            if len(out) == len(word):  # an old index entry: the pair left this word earlier
                 continue
             count = counts[index]
             for pair in zip(word, word[1:]):

@@ -57,36 +57,48 @@ def _bench(kernel_call, quantiles):
 
 
 # Candidates per kernel and head-dim class, from a sweep on an H100 (``LMCORE_FLASH_TUNE=wide``
-# times a larger grid; see lmcore/kernels/NOTES.md). Entries are (BLOCK_M, BLOCK_N, warps, stages),
-# forward entries optionally with a fifth, ``ahead``: 1 computes the next key tile's scores early.
+# times a larger grid; see lmcore/kernels/NOTES.md). Entries are (BLOCK_M, BLOCK_N, warps, stages)
+# followed by options: ``"ahead"`` (forward: the next key tile's scores computed early),
+# ``"ws"`` (one loop over all visited tiles, warp-specialized by the compiler: a producer warp
+# group loads through tensor descriptors while two consumer warp groups compute, each on half of
+# the tile's rows; Hopper or newer, tensor descriptors needed).
 _CANDIDATES = {
-    "fwd": {"small": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)],
-            "large": [(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4)],
+    "fwd": {"small": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 128, 4, 2, "ws")],
+            "large": [(128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 4, 2, "ws")],
             "fp32": [(64, 32, 4, 2)]},
-    "dkdv": {"small": [(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
-             "large": [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3)],
+    "dkdv": {"small": [(32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 2, "ws")],
+             "large": [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3), (64, 128, 4, 2, "ws"), (64, 64, 4, 2, "ws")],
              "fp32": [(32, 64, 4, 2)]},
     "dq": {"small": [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
            "large": [(128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
            "fp32": [(64, 32, 4, 2)]},
 }
+#: ``0`` leaves the warp-specialized candidates out of the autotuning (they need Hopper or newer).
+WS_ENV = "LMCORE_FLASH_WS"
 #: Forward candidates that compute the next key tile's scores ahead of this tile's softmax; tuned
 #: over only with ``LMCORE_FLASH_AHEAD=1`` (not yet timed on a GPU: see NOTES.md).
 AHEAD_ENV = "LMCORE_FLASH_AHEAD"
-_AHEAD_CANDIDATES = {"small": [(128, 64, 8, 3, 1), (64, 64, 4, 3, 1)],
-                     "large": [(128, 64, 8, 3, 1), (64, 64, 4, 3, 1)], "fp32": []}
+_AHEAD_CANDIDATES = {"small": [(128, 64, 8, 3, "ahead"), (64, 64, 4, 3, "ahead")],
+                     "large": [(128, 64, 8, 3, "ahead"), (64, 64, 4, 3, "ahead")], "fp32": []}
 _BLOCK_NAMES = {"fwd": ("BLOCK_M", "BLOCK_N"), "dkdv": ("BLOCK_M1", "BLOCK_N1"), "dq": ("BLOCK_M2", "BLOCK_N2")}
 _INTERPRET_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
 
+_OPTIONS = ("ahead", "ws")
+
+
 def _as_config(kind, entry):
-    """``(BLOCK_M, BLOCK_N, warps, stages[, ahead])`` as a Triton config; ``ahead`` (forward only):
-    issue the next tile's ``Q K^T`` before this tile's softmax."""
+    """``(BLOCK_M, BLOCK_N, warps, stages, *options)`` as a Triton config (options: see ``_CANDIDATES``)."""
     bm, bn, warps, stages = entry[:4]
+    opts = set(entry[4:])
+    if opts - set(_OPTIONS) or ("ahead" in opts and kind != "fwd") or ("ws" in opts and kind == "dq"):
+        raise ValueError(f"unknown options {sorted(opts)} for {kind}; expected some of {_OPTIONS}")
     m, n = _BLOCK_NAMES[kind]
     params = {m: bm, n: bn}
+    if kind != "dq":  # the dQ loop reads L and D outside it, which the warp-specialization pass rejects
+        params["WS"] = "ws" in opts
     if kind == "fwd":
-        params["AHEAD"] = bool(entry[4]) if len(entry) > 4 else False
+        params["AHEAD"] = "ahead" in opts
     return triton.Config(params, num_warps=warps, num_stages=stages)
 
 
@@ -125,7 +137,8 @@ def _pruner(kind):
         entries = list(_CANDIDATES[kind][group])
         if kind == "fwd" and os.environ.get(AHEAD_ENV) == "1":
             entries += _AHEAD_CANDIDATES[group]
-        wanted = [_as_config(kind, e) for e in entries]
+        tma_ok = kwargs.get("TMA_OK", named_args.get("TMA_OK", False)) and os.environ.get(WS_ENV, "1") != "0"
+        wanted = [_as_config(kind, e) for e in entries if tma_ok or "ws" not in e[4:]]
         keys = {(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in wanted}
         kept = [c for c in configs if (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) in keys]
         return kept or configs[:1]
@@ -133,7 +146,7 @@ def _pruner(kind):
     return prune
 
 
-_KEY = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET", "USE_TMA"]
+_KEY = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET", "USE_TMA", "TMA_OK"]
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -176,6 +189,16 @@ def _rows_source(base, n_rows, stride_t, head_dim, BLOCK: tl.constexpr, HEAD_DIM
     else:
         src = base
     return src
+
+
+@triton.jit
+def _flat_source(base, n_rows, st, head_dim, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A descriptor of all heads' rows at once, a (batch * heads * seq, head_dim) matrix, built from the
+    kernel argument itself. Descriptors built from a per-head offset pointer left rows unwritten once
+    the loop was warp-specialized with two consumer groups (Triton 3.6, H100 and H200), and 4-D
+    descriptors do not compile there; this one works. Rows past a head's end belong to the next head,
+    so the loops mask them; past the whole tensor they read as zero."""
+    return tl.make_tensor_descriptor(base, shape=[n_rows, head_dim], strides=[st, 1], block_shape=[BLOCK, HEAD_DIM])
 
 
 @triton.jit
@@ -244,34 +267,90 @@ def _fwd_inner_ahead(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_
     return acc, m_i, l_i
 
 
+@triton.jit
+def _fwd_ws_loop(acc, m_i, l_i, q, K, V, row0, offs_m, hi, t_q, t_k, qk_scale, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, NEED_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """The forward as a single loop that the compiler warp-specializes (see ``_fwd_kernel``).
+
+    Triton's Hopper warp specialization accepts one loop with no matrix product outside it, so the
+    diagonal and tail tiles cannot have a loop of their own: every tile gets the element mask (a
+    compare and a select per score) when the call is causal or the keys end inside a tile.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    lim = tl.minimum(offs_m + (t_k - t_q) + 1, t_k)  # (BM,): query i sees keys j < lim_i (causal)
+    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+        k = K.load([row0 + start_n, 0])  # (BN, D) by the copy engine
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN): Q K^T, unscaled
+        if NEED_MASK:
+            cols = start_n + offs_n
+            if CAUSAL:
+                keep = cols[None, :] < lim[:, None]
+            else:
+                keep = cols[None, :] < t_k
+            s = tl.where(keep, s, -1.0e6)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # m' = max(m, rowmax S), S = c Q K^T
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])  # P = exp2(S - m')
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = V.load([row0 + start_n, 0])  # (BN, D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # O' = alpha O + P V
+        m_i = m_new
+    return acc, m_i, l_i
+
+
 @triton.autotune(configs=_configs("fwd"), key=_KEY, do_bench=_bench,
                  prune_configs_by={"early_config_prune": _pruner("fwd")})
 @triton.jit
 def _fwd_kernel(Q, K, V, O, L,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-                n_heads, t_q, t_k, head_dim, qk_scale, SEQ_BUCKET,
+                n_batch, n_heads, t_q, t_k, head_dim, qk_scale, SEQ_BUCKET,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-                PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, AHEAD: tl.constexpr):
+                PRECISION: tl.constexpr, USE_TMA: tl.constexpr, TMA_OK: tl.constexpr, EVEN_K: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, AHEAD: tl.constexpr, WS: tl.constexpr):
     if CAUSAL:  # longest rows (most key tiles) first, so the last wave is short
         start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
         start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // n_heads, bh % n_heads
-    Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    V += b * svb + h * svh
     O += b * sob + h * soh
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     offs_d = tl.arange(0, HEAD_DIM)  # (D,)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if WS:  # warp-specialized: Q, K and V all through tensor descriptors, one loop
+        q = _flat_source(Q, n_batch * n_heads * t_q, sqt, head_dim, BLOCK_M, HEAD_DIM).load(
+            [(bh * t_q).to(tl.int32) + start_m * BLOCK_M, 0])  # (BM, D); rows past t_q are never stored
+        k_src = _flat_source(K, n_batch * n_heads * t_k, skt, head_dim, BLOCK_N, HEAD_DIM)
+        v_src = _flat_source(V, n_batch * n_heads * t_k, svt, head_dim, BLOCK_N, HEAD_DIM)
+        if CAUSAL:
+            hi = tl.minimum(start_m * BLOCK_M + (t_k - t_q) + BLOCK_M, t_k)
+        else:
+            hi = t_k
+        acc, m_i, l_i = _fwd_ws_loop(acc, m_i, l_i, q, k_src, v_src, (bh * t_k).to(tl.int32), offs_m, hi, t_q,
+                                     t_k, qk_scale, BLOCK_N, CAUSAL, CAUSAL or not EVEN_K, PRECISION)
+    else:
+        acc, m_i, l_i = _fwd_two_stage(acc, m_i, l_i, Q + b * sqb + h * sqh, K + b * skb + h * skh,
+                                       V + b * svb + h * svh, skt, svt, sqt, offs_m, offs_d, start_m, t_q, t_k,
+                                       head_dim, qk_scale, HEAD_DIM, CAUSAL, EVEN_D, PRECISION, USE_TMA,
+                                       BLOCK_M, BLOCK_N, AHEAD)
+    # O = acc / l ;  L = m + log2(l)  (base 2; natural L = L * ln 2)
+    tl.store(L + bh * t_q + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < t_q)
+    out = acc / l_i[:, None]
+    _store_tile(O + offs_m[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty), offs_m, t_q,
+                offs_d, head_dim, EVEN_D)
+
+
+@triton.jit
+def _fwd_two_stage(acc, m_i, l_i, Q, K, V, skt, svt, sqt, offs_m, offs_d, start_m, t_q, t_k, head_dim, qk_scale,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+                   USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, AHEAD: tl.constexpr):
+    """The forward's main loops without warp specialization: unmasked tiles, then masked ones."""
     q = _load_tile(Q + offs_m[:, None] * sqt + offs_d[None, :], offs_m, t_q, offs_d, head_dim,
                    True, EVEN_D)  # (BM, D)
     k_src = _rows_source(K, t_k, skt, head_dim, BLOCK_N, HEAD_DIM, USE_TMA)
     v_src = _rows_source(V, t_k, svt, head_dim, BLOCK_N, HEAD_DIM, USE_TMA)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     # stage 1: tiles with every key visible (below the diagonal, before the tail): no mask at all
     full_k = (t_k // BLOCK_N) * BLOCK_N
     if CAUSAL:  # the diagonal of this query tile starts at key start_m * BLOCK_M + (t_k - t_q)
@@ -293,11 +372,7 @@ def _fwd_kernel(Q, K, V, O, L,
     # stage 2: the diagonal tiles (causal) and the ragged tail (any length): masked
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_src, v_src, skt, svt, offs_m, offs_d, free_hi, hi,
                                t_q, t_k, head_dim, qk_scale, BLOCK_N, True, CAUSAL, EVEN_D, PRECISION, USE_TMA)
-    # O = acc / l ;  L = m + log2(l)  (base 2; natural L = L * ln 2)
-    tl.store(L + bh * t_q + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < t_q)
-    out = acc / l_i[:, None]
-    _store_tile(O + offs_m[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty), offs_m, t_q,
-                offs_d, head_dim, EVEN_D)
+    return acc, m_i, l_i
 
 
 # ----------------------------------------------------------------------------- backward
@@ -348,31 +423,86 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d, lo, hi,
     return dk, dv
 
 
+@triton.jit
+def _dkdv_ws_loop(dk, dv, k, v, Q, DO, L, Delta, row0, offs_n, lo, t_q, t_k, qk_scale, BLOCK_M: tl.constexpr,
+                  CAUSAL: tl.constexpr, NEED_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """dK, dV of one key tile as a single warp-specialized loop over query tiles [lo, t_q); every
+    tile gets the causal mask, and the mask of rows past ``t_q`` (another head's) when there are any."""
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in tl.range(lo, t_q, BLOCK_M, warp_specialize=True):
+        rows = start_m + offs_m0  # (BM,)
+        q = Q.load([row0 + start_m, 0])  # (BM, D)
+        do = DO.load([row0 + start_m, 0])  # (BM, D)
+        lse = tl.load(L + rows, mask=rows < t_q, other=0.0)
+        delta = tl.load(Delta + rows, mask=rows < t_q, other=0.0)
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+                           - lse[None, :])  # (BN, BM): P^T from the saved log-sum-exp
+        if NEED_MASK:
+            if CAUSAL:
+                keep = (rows[None, :] + (t_k - t_q) >= offs_n[:, None]) & (rows[None, :] < t_q)
+            else:
+                keep = rows[None, :] < t_q
+            p_t = tl.where(keep, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # dV += P^T dO
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # dP^T = V dO^T
+        ds_t = p_t * (dp_t - delta[None, :])  # dS^T = P^T * (dP^T - D)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)  # dK += dS^T Q
+    return dk, dv
+
+
 @triton.autotune(configs=_configs("dkdv"), key=_KEY, do_bench=_bench,
                  prune_configs_by={"early_config_prune": _pruner("dkdv")})
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, Delta,
                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
                      sgkb, sgkh, sgkt, sgvb, sgvh, sgvt,
-                     n_heads, t_q, t_k, head_dim, qk_scale, scale, SEQ_BUCKET,
+                     n_batch, n_heads, t_q, t_k, head_dim, qk_scale, scale, SEQ_BUCKET,
                      HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-                     PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M1: tl.constexpr,
-                     BLOCK_N1: tl.constexpr):
+                     PRECISION: tl.constexpr, USE_TMA: tl.constexpr, TMA_OK: tl.constexpr,
+                     EVEN_K: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, WS: tl.constexpr):
     start_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // n_heads, bh % n_heads
-    q_src = _rows_source(Q + b * sqb + h * sqh, t_q, sqt, head_dim, BLOCK_M1, HEAD_DIM, USE_TMA)
-    do_src = _rows_source(DO + b * sdb + h * sdh, t_q, sdt, head_dim, BLOCK_M1, HEAD_DIM, USE_TMA)
     L += bh * t_q
     Delta += bh * t_q
     offs_n = start_n * BLOCK_N1 + tl.arange(0, BLOCK_N1)  # (BN,)
     offs_d = tl.arange(0, HEAD_DIM)
-    k = _load_tile(K + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :], offs_n, t_k,
-                   offs_d, head_dim, True, EVEN_D)  # (BN, D)
-    v = _load_tile(V + b * svb + h * svh + offs_n[:, None] * svt + offs_d[None, :], offs_n, t_k,
-                   offs_d, head_dim, True, EVEN_D)  # (BN, D)
     dk = tl.zeros([BLOCK_N1, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N1, HEAD_DIM], tl.float32)
+    if WS:  # Q, K, V, dO all through descriptors (rows past the end read as zero); one loop
+        kv_row = (bh * t_k).to(tl.int32) + start_n * BLOCK_N1  # rows past t_k: another head's, never stored
+        k = _flat_source(K, n_batch * n_heads * t_k, skt, head_dim, BLOCK_N1, HEAD_DIM).load([kv_row, 0])
+        v = _flat_source(V, n_batch * n_heads * t_k, svt, head_dim, BLOCK_N1, HEAD_DIM).load([kv_row, 0])
+        q_src = _flat_source(Q, n_batch * n_heads * t_q, sqt, head_dim, BLOCK_M1, HEAD_DIM)
+        do_src = _flat_source(DO, n_batch * n_heads * t_q, sdt, head_dim, BLOCK_M1, HEAD_DIM)
+        if CAUSAL:
+            lo = tl.maximum(start_n * BLOCK_N1 - (t_k - t_q), 0)
+            lo = (lo // BLOCK_M1) * BLOCK_M1
+        else:
+            lo = 0
+        dk, dv = _dkdv_ws_loop(dk, dv, k, v, q_src, do_src, L, Delta, (bh * t_q).to(tl.int32), offs_n, lo, t_q,
+                               t_k, qk_scale, BLOCK_M1, CAUSAL, CAUSAL or not EVEN_K, PRECISION)
+    else:
+        q_src = _rows_source(Q + b * sqb + h * sqh, t_q, sqt, head_dim, BLOCK_M1, HEAD_DIM, USE_TMA)
+        do_src = _rows_source(DO + b * sdb + h * sdh, t_q, sdt, head_dim, BLOCK_M1, HEAD_DIM, USE_TMA)
+        dk, dv = _dkdv_two_stage(dk, dv, K + b * skb + h * skh, V + b * svb + h * svh, q_src, do_src, L, Delta,
+                                 skt, svt, sqt, sdt, offs_n, offs_d, start_n, t_q, t_k, head_dim, qk_scale,
+                                 CAUSAL, EVEN_D, PRECISION, USE_TMA, BLOCK_M1, BLOCK_N1)
+    _store_tile(DK + b * sgkb + h * sgkh + offs_n[:, None] * sgkt + offs_d[None, :],
+                (dk * scale).to(DK.dtype.element_ty), offs_n, t_k, offs_d, head_dim, EVEN_D)
+    _store_tile(DV + b * sgvb + h * sgvh + offs_n[:, None] * sgvt + offs_d[None, :],
+                dv.to(DV.dtype.element_ty), offs_n, t_k, offs_d, head_dim, EVEN_D)
+
+
+@triton.jit
+def _dkdv_two_stage(dk, dv, K, V, q_src, do_src, L, Delta, skt, svt, sqt, sdt, offs_n, offs_d, start_n, t_q, t_k,
+                    head_dim, qk_scale, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+                    USE_TMA: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr):
+    """dK, dV of one key tile without warp specialization: masked tiles, unmasked tiles, the tail."""
+    k = _load_tile(K + offs_n[:, None] * skt + offs_d[None, :], offs_n, t_k, offs_d, head_dim, True,
+                   EVEN_D)  # (BN, D)
+    v = _load_tile(V + offs_n[:, None] * svt + offs_d[None, :], offs_n, t_k, offs_d, head_dim, True,
+                   EVEN_D)  # (BN, D)
     full_q = (t_q // BLOCK_M1) * BLOCK_M1
     if CAUSAL:
         # query rows i < n0 - (t_k - t_q) never see this key tile (skipped); the tiles of rows
@@ -391,10 +521,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, Delta,
     dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, L, Delta, sqt, sdt, offs_n, offs_d,
                          tl.maximum(full_q, mid), t_q, t_q, t_k, head_dim, qk_scale, BLOCK_M1, True,
                          CAUSAL, EVEN_D, PRECISION, USE_TMA)
-    _store_tile(DK + b * sgkb + h * sgkh + offs_n[:, None] * sgkt + offs_d[None, :],
-                (dk * scale).to(DK.dtype.element_ty), offs_n, t_k, offs_d, head_dim, EVEN_D)
-    _store_tile(DV + b * sgvb + h * sgvh + offs_n[:, None] * sgvt + offs_d[None, :],
-                dv.to(DV.dtype.element_ty), offs_n, t_k, offs_d, head_dim, EVEN_D)
+    return dk, dv
 
 
 @triton.jit
@@ -427,8 +554,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, Delta,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgqb, sgqh, sgqt,
                    n_heads, t_q, t_k, head_dim, qk_scale, scale, SEQ_BUCKET,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-                   PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M2: tl.constexpr,
-                   BLOCK_N2: tl.constexpr):
+                   PRECISION: tl.constexpr, USE_TMA: tl.constexpr, TMA_OK: tl.constexpr, EVEN_K: tl.constexpr,
+                   BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
     if CAUSAL:
         start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
@@ -439,13 +566,24 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, Delta,
     v_src = _rows_source(V + b * svb + h * svh, t_k, svt, head_dim, BLOCK_N2, HEAD_DIM, USE_TMA)
     offs_m = start_m * BLOCK_M2 + tl.arange(0, BLOCK_M2)
     offs_d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(L + bh * t_q + offs_m, mask=offs_m < t_q, other=0.0)
+    delta = tl.load(Delta + bh * t_q + offs_m, mask=offs_m < t_q, other=0.0)
+    dq = tl.zeros([BLOCK_M2, HEAD_DIM], tl.float32)
     q = _load_tile(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], offs_m, t_q,
                    offs_d, head_dim, True, EVEN_D)  # (BM, D)
     do = _load_tile(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], offs_m, t_q,
                     offs_d, head_dim, True, EVEN_D)  # (BM, D)
-    lse = tl.load(L + bh * t_q + offs_m, mask=offs_m < t_q, other=0.0)
-    delta = tl.load(Delta + bh * t_q + offs_m, mask=offs_m < t_q, other=0.0)
-    dq = tl.zeros([BLOCK_M2, HEAD_DIM], tl.float32)
+    dq = _dq_two_stage(dq, q, do, lse, delta, k_src, v_src, skt, svt, offs_m, offs_d, start_m, t_q, t_k,
+                       head_dim, qk_scale, CAUSAL, EVEN_D, PRECISION, USE_TMA, BLOCK_M2, BLOCK_N2)
+    _store_tile(DQ + b * sgqb + h * sgqh + offs_m[:, None] * sgqt + offs_d[None, :],
+                (dq * scale).to(DQ.dtype.element_ty), offs_m, t_q, offs_d, head_dim, EVEN_D)
+
+
+@triton.jit
+def _dq_two_stage(dq, q, do, lse, delta, k_src, v_src, skt, svt, offs_m, offs_d, start_m, t_q, t_k, head_dim,
+                  qk_scale, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+                  USE_TMA: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
+    """dQ of one query tile without warp specialization: unmasked key tiles, then masked ones."""
     full_k = (t_k // BLOCK_N2) * BLOCK_N2
     if CAUSAL:
         first = start_m * BLOCK_M2 + (t_k - t_q)
@@ -458,8 +596,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, Delta,
                    head_dim, qk_scale, BLOCK_N2, False, CAUSAL, EVEN_D, PRECISION, USE_TMA)
     dq = _dq_inner(dq, q, do, lse, delta, k_src, v_src, skt, svt, offs_m, offs_d, free_hi, hi, t_q, t_k,
                    head_dim, qk_scale, BLOCK_N2, True, CAUSAL, EVEN_D, PRECISION, USE_TMA)
-    _store_tile(DQ + b * sgqb + h * sgqh + offs_m[:, None] * sgqt + offs_d[None, :],
-                (dq * scale).to(DQ.dtype.element_ty), offs_m, t_q, offs_d, head_dim, EVEN_D)
+    return dq
 
 
 # ----------------------------------------------------------------------------- Python side
@@ -538,9 +675,13 @@ TMA_ENV = "LMCORE_FLASH_TMA"
 TMA_DEFAULT = "0"
 
 
-def _use_tma(*tensors) -> bool:
-    """Tensor descriptors need a Hopper (or newer) GPU, Triton support, and 16-byte aligned rows."""
-    if os.environ.get(TMA_ENV, TMA_DEFAULT) != "1" or not hasattr(tl, "make_tensor_descriptor"):
+def _use_tma(*tensors, want: bool | None = None) -> bool:
+    """Tensor descriptors need a Hopper (or newer) GPU, Triton support, and 16-byte aligned rows.
+
+    ``want`` (default: the ``LMCORE_FLASH_TMA`` setting) asks for them where possible."""
+    if want is None:
+        want = os.environ.get(TMA_ENV, TMA_DEFAULT) == "1"
+    if not want or not hasattr(tl, "make_tensor_descriptor"):
         return False
     if INTERPRET:  # the interpreter reads descriptors too (handy to test that code path on CPU)
         return True
@@ -601,6 +742,9 @@ def _launch(kind, kernel, grid, *args, **kwargs):
     """Launch through the autotuner, or with the configuration forced for this kind."""
     if kind in _FORCED:
         cfg = _as_config(kind, _FORCED[kind])
+        if cfg.kwargs.get("WS") and not kwargs["TMA_OK"]:
+            raise ValueError(f"{kind}={_FORCED[kind]} is warp-specialized and needs tensor descriptors (a Hopper "
+                             "or newer GPU, 16-byte aligned rows, half-precision inputs)")
         handle = kernel.fn[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
                                  num_stages=cfg.num_stages)
     else:
@@ -613,7 +757,17 @@ def _meta(q, t_k, *tensors):
     d = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(d))
     return dict(SEQ_BUCKET=_seq_bucket(max(q.shape[2], t_k)), HEAD_DIM=block_d, EVEN_D=block_d == d,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=_use_tma(q, *tensors))
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=_use_tma(q, *tensors),
+                TMA_OK=_use_tma(q, *tensors, want=True) and all(map(_rows_flat, (q, *tensors))),
+                EVEN_K=t_k % 128 == 0 and q.shape[2] % 128 == 0)
+
+
+def _rows_flat(x) -> bool:
+    """True when the rows of every head follow each other, so that (B, H, T, D) reads as one
+    (B*H*T, D) matrix with a single row stride (what the warp-specialized kernels load through)."""
+    b, h, t, _ = x.shape
+    sb, sh, st = x.stride()[:3]
+    return (h == 1 or sh == t * st) and (b == 1 or sb == h * t * st)
 
 
 def flash_forward_triton(q, k, v, causal: bool, scale: float):
@@ -624,7 +778,7 @@ def flash_forward_triton(q, k, v, causal: bool, scale: float):
     lse2 = torch.empty((bsz, heads, t_q), device=q.device, dtype=torch.float32)  # (B, H, Tq)
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), bsz * heads)  # noqa: E731
     _launch("fwd", _fwd_kernel, grid, q, k, v, out, lse2, *q.stride()[:3], *k.stride()[:3],
-            *v.stride()[:3], *out.stride()[:3], heads, t_q, t_k, d, scale * LOG2E, CAUSAL=bool(causal),
+            *v.stride()[:3], *out.stride()[:3], bsz, heads, t_q, t_k, d, scale * LOG2E, CAUSAL=bool(causal),
             **_meta(q, t_k, k, v))
     return out, lse2
 
@@ -645,7 +799,7 @@ def flash_backward_triton(q, k, v, out, lse2, dout, causal: bool, scale: float):
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
     grid_kv = lambda m: (triton.cdiv(t_k, m["BLOCK_N1"]), bsz * heads)  # noqa: E731
     _launch("dkdv", _bwd_dkdv_kernel, grid_kv, q, k, v, dout, dk, dv, lse2, delta, *strides,
-            *dk.stride()[:3], *dv.stride()[:3], heads, t_q, t_k, d, scale * LOG2E, scale,
+            *dk.stride()[:3], *dv.stride()[:3], bsz, heads, t_q, t_k, d, scale * LOG2E, scale,
             CAUSAL=bool(causal), **meta)
     grid_q = lambda m: (triton.cdiv(t_q, m["BLOCK_M2"]), bsz * heads)  # noqa: E731
     _launch("dq", _bwd_dq_kernel, grid_q, q, k, v, dout, dq, lse2, delta, *strides, *dq.stride()[:3],

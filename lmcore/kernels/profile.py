@@ -12,6 +12,9 @@ On a CUDA GPU, in this order (each step can be skipped; each writes a text file 
    matrix and special-function instructions in its machine code.
 4. ``outlier.txt``: the backward at T=512 against T=1024, per kernel, with the tile sizes tuned on
    the timed shape and on a small shape first (the order of the recorded benchmark).
+5. ``variants.txt`` (only with ``--variants``): kernel variants that may not compile or may hang on
+   a given Triton (warp-specialized loops, for example), each launched in its own process with a
+   time limit, timed against cuDNN and our autotuned kernels at a few shapes, with its error.
 
 Nothing here runs without CUDA; the functions are importable for a notebook or a test.
 """
@@ -327,6 +330,142 @@ def outlier_report(d: int = 64) -> dict:
     return report
 
 
+# ----------------------------------------------------------------------------- 5. variants
+#: Configurations tried by ``--variants`` (kind -> entries as in ``flash_triton._CANDIDATES``).
+VARIANTS = {
+    "fwd": [(128, 128, 4, 2, "ws"), (128, 64, 4, 2, "ws"), (64, 128, 4, 2, "ws")],
+    "dkdv": [(64, 128, 4, 2, "ws"), (64, 64, 4, 2, "ws"), (32, 128, 4, 2, "ws"), (128, 128, 4, 2, "ws"),
+             (32, 64, 4, 3)],
+}
+
+
+def _sdpa_ms(q, k, v, do, causal, backend, backward):
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench
+
+    be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+    f = torch.nn.functional.scaled_dot_product_attention
+    with sdpa_kernel(be):
+        if backward:
+            qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+            fn = lambda: f(qq, kk, vv, is_causal=causal).backward(do)  # noqa: E731
+            return do_bench(fn, warmup=25, rep=100, grad_to_none=[qq, kk, vv], return_mode="median")
+        return do_bench(lambda: f(q, k, v, is_causal=causal), warmup=25, rep=100, return_mode="median")
+
+
+def _variant_rows(kind: str, entry, shapes) -> list[dict]:
+    """Time one forced configuration at each shape (in this process), with its error against SDPA."""
+    import torch
+    from triton.testing import do_bench
+
+    from lmcore.kernels import flash_triton as ft
+
+    rows = []
+    for d, t, causal in shapes:
+        b, h = _shape(t, d)
+        q, k, v, do = _inputs(b, h, t, d)
+        scale = d ** -0.5
+        row = {"kind": kind, "config": list(entry), "d": d, "T": t, "causal": bool(causal)}
+        try:
+            with ft.forced_configs(**{kind: tuple(entry)}):
+                out, lse2 = ft.flash_forward_triton(q, k, v, causal, scale)
+                if kind == "fwd":
+                    fn = lambda: ft.flash_forward_triton(q, k, v, causal, scale)  # noqa: E731
+                else:
+                    fn = lambda: ft.flash_backward_triton(q, k, v, out, lse2, do, causal, scale)  # noqa: E731
+                got = fn()
+                torch.cuda.synchronize()
+                row["ms"] = round(do_bench(fn, warmup=25, rep=100, return_mode="median"), 4)
+                row.update(_resources(ft.LAST_COMPILED[kind]))
+                row["tma"] = ft._use_tma(q, k, v, want=True)
+            qq, kk, vv = (x.detach().float().requires_grad_() for x in (q, k, v))
+            ref = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=bool(causal))
+            if kind == "fwd":
+                row["max_err"] = float((got[0].float() - ref).abs().max())
+            else:
+                ref.backward(do.float())
+                errs = [float((g.float() - r.grad).abs().max() / r.grad.abs().max()) for g, r in zip(got, (qq, kk, vv))]
+                row["rel_err_dq_dk_dv"] = [round(e, 5) for e in errs]
+        except Exception as err:  # noqa: BLE001 - compile errors of an experimental path
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        rows.append(row)
+        print("  variant", json.dumps(row), flush=True)
+        del q, k, v, do
+        torch.cuda.empty_cache()
+    return rows
+
+
+def variant_report(shapes_fwd, shapes_bwd, timeout_s: float = 150, budget_s: float = 400) -> list[dict]:
+    """Baselines (cuDNN, FlashAttention-2, our autotuned kernels) in this process, then each entry of
+    ``VARIANTS`` in a child process with a time limit (a variant may hang or crash the context)."""
+    import torch
+    from triton.testing import do_bench
+
+    from lmcore.kernels import flash_triton as ft
+
+    start = time.time()
+    rows = []
+    for shapes, backward in ((shapes_fwd, False), (shapes_bwd, True)):
+        for d, t, causal in shapes:
+            b, h = _shape(t, d)
+            q, k, v, do = _inputs(b, h, t, d)
+            scale = d ** -0.5
+            row = {"kind": "baseline", "d": d, "T": t, "causal": bool(causal), "pass": "bwd" if backward else "fwd"}
+            for be in ("cudnn", "flash"):
+                row[f"{be}_ms"] = round(_sdpa_ms(q, k, v, do, bool(causal), be, backward), 4)
+            for ws in ("0", "1"):  # autotuned without, then with, the warp-specialized candidates
+                os.environ[ft.WS_ENV] = ws
+                for kern in (ft._fwd_kernel, ft._bwd_dkdv_kernel, ft._bwd_dq_kernel):
+                    kern.cache.clear()
+                tag = "" if ws == "1" else "_nows"
+                out, lse2 = ft.flash_forward_triton(q, k, v, causal, scale)
+                if backward:
+                    fn = lambda: ft.flash_backward_triton(q, k, v, out, lse2, do, causal, scale)  # noqa: E731
+                    qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+                    step = lambda: ft.flash_attention(qq, kk, vv, causal=bool(causal)).backward(do)  # noqa: E731
+                    step()
+                    row[f"ours{tag}_fwd+bwd_ms"] = round(do_bench(step, warmup=25, rep=100, grad_to_none=[qq, kk, vv],
+                                                                  return_mode="median"), 4)
+                else:
+                    fn = lambda: ft.flash_forward_triton(q, k, v, causal, scale)  # noqa: E731
+                fn()
+                row[f"ours{tag}_ms"] = round(do_bench(fn, warmup=25, rep=100, return_mode="median"), 4)
+                row[f"choices{tag}"] = [f"{c['kernel']}: {c.get('BLOCK_M', c.get('BLOCK_M1', c.get('BLOCK_M2')))}x"
+                                        f"{c.get('BLOCK_N', c.get('BLOCK_N1', c.get('BLOCK_N2')))} "
+                                        f"w{c['num_warps']} s{c['num_stages']}{' ws' if c.get('WS') else ''}"
+                                        for c in ft.autotune_choices() if c["head_dim"] == d
+                                        and c["causal"] == bool(causal) and c["seq_bucket"] == t]
+            rows.append(row)
+            print("  baseline", json.dumps(row), flush=True)
+    for kind, entries in VARIANTS.items():
+        shapes = shapes_fwd if kind == "fwd" else shapes_bwd
+        for entry in entries:
+            left = budget_s - (time.time() - start)
+            if left < 30:
+                rows.append({"kind": kind, "config": list(entry), "error": "not run (time budget spent)"})
+                continue
+            arg = json.dumps({"kind": kind, "entry": list(entry), "shapes": shapes})
+            try:
+                proc = subprocess.run([sys.executable, "-m", "lmcore.kernels.profile", "--variant-child", arg],
+                                      capture_output=True, text=True, timeout=min(timeout_s, left),
+                                      env={**os.environ, "LMCORE_FLASH_TUNE": "first"})
+                got = [json.loads(line.split("  variant ", 1)[1]) for line in proc.stdout.splitlines()
+                       if line.startswith("  variant ")]
+                rows += got
+                for line in (l for l in proc.stdout.splitlines() if l.startswith("  variant ")):
+                    print(line, flush=True)
+                if proc.returncode != 0:
+                    rows.append({"kind": kind, "config": list(entry), "error": f"exit {proc.returncode}: "
+                                 + (proc.stderr.strip().splitlines() or [""])[-1][:200]})
+                    print("  variant failed", rows[-1], flush=True)
+            except subprocess.TimeoutExpired:
+                rows.append({"kind": kind, "config": list(entry), "error": f"timed out after {timeout_s:.0f} s"})
+                print("  variant timed out", entry, flush=True)
+    del torch
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m lmcore.kernels.profile", description=__doc__.split("\n")[0])
@@ -338,7 +477,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ncu-shape", default="128,4096,1", help="d,T,causal of the ncu profile")
     ap.add_argument("--config-shapes", default="128,4096,1;64,4096,1", help="d,T,causal;... of the config sweep")
     ap.add_argument("--budget", type=float, default=520, help="seconds: later steps are skipped past this")
+    ap.add_argument("--variants", action="store_true", help="also time the experimental kernel variants")
+    ap.add_argument("--variant-shapes", default="64,4096,1;64,8192,1;128,4096,1;128,8192,1;128,8192,0|128,4096,1;128,8192,1;64,8192,1",
+                    help="forward shapes | backward shapes, each d,T,causal;...")
+    ap.add_argument("--variant-child", default=None, help=argparse.SUPPRESS)  # one variant, in its own process
     args = ap.parse_args(argv)
+    if args.variant_child:
+        spec = json.loads(args.variant_child)
+        _variant_rows(spec["kind"], tuple(spec["entry"]), [tuple(s) for s in spec["shapes"]])
+        return {}
     if args.workload:
         d, t, c = (int(x) for x in args.workload.split(","))
         ncu_workload(d, t, bool(c))
@@ -373,6 +520,13 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "configs.txt").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         result["configs"] = rows
         print(f"== configs ({time.time() - t0:.0f} s)", flush=True)
+    if args.variants:
+        fwd_spec, bwd_spec = args.variant_shapes.split("|")
+        parse = lambda spec: [[int(x) for x in sh.split(",")] for sh in spec.split(";") if sh]  # noqa: E731
+        rows = variant_report(parse(fwd_spec), parse(bwd_spec), budget_s=max(60.0, args.budget - (time.time() - t0)))
+        (out / "variants.txt").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        result["variants"] = rows
+        print(f"== variants ({time.time() - t0:.0f} s)", flush=True)
     if "outlier" not in args.skip and time.time() - t0 > args.budget - 80:
         print("outlier: time budget spent, skipped", flush=True)
     elif "outlier" not in args.skip:

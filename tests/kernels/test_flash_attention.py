@@ -206,9 +206,39 @@ def test_forward_with_scores_computed_one_tile_ahead(t_q, t_k, causal):
     from lmcore.kernels.flash_triton import forced_configs
 
     device = "cuda" if CUDA else "cpu"
-    entry = (32, 16, 4, 1, 1) if not CUDA else (64, 64, 4, 3, 1)
+    entry = (32, 16, 4, 1, "ahead") if not CUDA else (64, 64, 4, 3, "ahead")
     with forced_configs(fwd=entry):
         _check(flash_attention, 2, 2, t_q, t_k, 32, causal, torch.float32, device, tol=1e-4)
+
+
+@pytest.mark.parametrize("t_q,t_k,causal", [(80, 80, True), (80, 80, False), (48, 80, True), (37, 53, True),
+                                             (37, 53, False)])
+def test_warp_specialized_kernels_are_exact(t_q, t_k, causal):
+    """The single-loop, warp-specialized forward and dK/dV kernels (every tile masked, tails read as
+    zeros through tensor descriptors) compute the same as the reference."""
+    from lmcore.kernels.flash_triton import forced_configs
+
+    if CUDA:
+        if torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("warp specialization needs a Hopper or newer GPU")
+        device, dtype, tol = "cuda", torch.bfloat16, 2e-2
+        entries = dict(fwd=(128, 128, 4, 2, "ws"), dkdv=(64, 128, 4, 2, "ws"))
+    else:
+        device, dtype, tol = "cpu", torch.float32, 1e-4
+        entries = dict(fwd=(32, 16, 4, 1, "ws"), dkdv=(16, 32, 4, 1, "ws"))
+    with forced_configs(**entries):
+        _check(flash_attention, 2, 2, t_q, t_k, 32, causal, dtype, device, tol=tol)
+
+
+def test_forced_configs_rejects_unknown_options():
+    from lmcore.kernels.flash_triton import _as_config
+
+    with pytest.raises(ValueError, match="unknown options"):
+        _as_config("fwd", (64, 64, 4, 3, "fast"))
+    with pytest.raises(ValueError, match="unknown options"):
+        _as_config("dq", (64, 64, 4, 3, "ahead"))
+    with pytest.raises(ValueError, match="unknown options"):
+        _as_config("dq", (64, 64, 4, 3, "ws"))
 
 
 def test_forced_configs_rejects_unknown_kernels():

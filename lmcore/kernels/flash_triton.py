@@ -573,17 +573,6 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, Delta,
                    offs_d, head_dim, True, EVEN_D)  # (BM, D)
     do = _load_tile(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], offs_m, t_q,
                     offs_d, head_dim, True, EVEN_D)  # (BM, D)
-    dq = _dq_two_stage(dq, q, do, lse, delta, k_src, v_src, skt, svt, offs_m, offs_d, start_m, t_q, t_k,
-                       head_dim, qk_scale, CAUSAL, EVEN_D, PRECISION, USE_TMA, BLOCK_M2, BLOCK_N2)
-    _store_tile(DQ + b * sgqb + h * sgqh + offs_m[:, None] * sgqt + offs_d[None, :],
-                (dq * scale).to(DQ.dtype.element_ty), offs_m, t_q, offs_d, head_dim, EVEN_D)
-
-
-@triton.jit
-def _dq_two_stage(dq, q, do, lse, delta, k_src, v_src, skt, svt, offs_m, offs_d, start_m, t_q, t_k, head_dim,
-                  qk_scale, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-                  USE_TMA: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
-    """dQ of one query tile without warp specialization: unmasked key tiles, then masked ones."""
     full_k = (t_k // BLOCK_N2) * BLOCK_N2
     if CAUSAL:
         first = start_m * BLOCK_M2 + (t_k - t_q)
@@ -596,7 +585,8 @@ def _dq_two_stage(dq, q, do, lse, delta, k_src, v_src, skt, svt, offs_m, offs_d,
                    head_dim, qk_scale, BLOCK_N2, False, CAUSAL, EVEN_D, PRECISION, USE_TMA)
     dq = _dq_inner(dq, q, do, lse, delta, k_src, v_src, skt, svt, offs_m, offs_d, free_hi, hi, t_q, t_k,
                    head_dim, qk_scale, BLOCK_N2, True, CAUSAL, EVEN_D, PRECISION, USE_TMA)
-    return dq
+    _store_tile(DQ + b * sgqb + h * sgqh + offs_m[:, None] * sgqt + offs_d[None, :],
+                (dq * scale).to(DQ.dtype.element_ty), offs_m, t_q, offs_d, head_dim, EVEN_D)
 
 
 # ----------------------------------------------------------------------------- Python side

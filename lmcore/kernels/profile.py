@@ -462,7 +462,6 @@ def variant_report(shapes_fwd, shapes_bwd, timeout_s: float = 150, budget_s: flo
             except subprocess.TimeoutExpired:
                 rows.append({"kind": kind, "config": list(entry), "error": f"timed out after {timeout_s:.0f} s"})
                 print("  variant timed out", entry, flush=True)
-    del torch
     return rows
 
 

@@ -8,6 +8,11 @@ flash (FlashAttention-2), cuDNN and memory-efficient backends forced in turn. Al
 memory of each run above its inputs. Writes ``<out-dir>/attention-<gpu>.csv`` and a JSON with
 provenance beside it.
 
+The implementations of one shape are timed on the same inputs in ``--rounds`` interleaved rounds
+(each a ``triton.testing.do_bench`` median over ``--rep`` ms): ``ms`` is the median over rounds and
+``ms_min``/``ms_max`` its range, and the JSON gives each target ratio with its range when taken
+round by round, so a reader can see how far the machine's noise moves it.
+
 On CPU: ``--quick`` checks correctness only (Triton through its interpreter at tiny sizes).
 """
 
@@ -22,7 +27,7 @@ from pathlib import Path
 
 IMPLS = ("triton", "triton_tma", "torch_tiled", "reference", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
 FIELDS = ("impl", "mode", "causal", "head_dim", "seq", "batch", "heads", "dtype", "status", "ms",
-          "tflops", "peak_mem_mb")
+          "ms_min", "ms_max", "tflops", "peak_mem_mb")
 
 
 def _parse(argv):
@@ -35,7 +40,8 @@ def _parse(argv):
     ap.add_argument("--tokens", type=int, default=16384, help="batch * seq for every row")
     ap.add_argument("--width", type=int, default=2048, help="heads * head_dim for every row")
     ap.add_argument("--tiled-max-seq", type=int, default=2048, help="longest seq for the slow tiled PyTorch version")
-    ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time in ms")
+    ap.add_argument("--rep", type=int, default=25, help="do_bench repetition time in ms, per round")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     ap.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     ap.add_argument("--skip-check", action="store_true", help="skip the correctness check against SDPA")
     ap.add_argument("--train-check", type=int, default=0, metavar="STEPS",
@@ -113,41 +119,72 @@ def _make_fn(impl, q, k, v, causal, backward, do, tiled_block):
     return step
 
 
-def _measure(impl, b, h, t, d, causal, backward, args):
+def _measure_cell(impls, b, h, t, d, causal, backward, args):
+    """Rows for every implementation on one shape, on the same inputs.
+
+    Each implementation is warmed up (compiled, autotuned) and its peak memory read; then all
+    that ran are timed in ``args.rounds`` interleaved rounds (``lmcore.bench.timing.rounds``),
+    each a ``do_bench`` median over ``args.rep`` ms. ``ms`` is the median over rounds, ``ms_min``
+    and ``ms_max`` the range; the per-round times stay in ``_rounds`` for paired ratios."""
     import torch
     from triton.testing import do_bench
 
+    from lmcore.bench.timing import rounds, spread
     from lmcore.kernels import attention_flops
 
-    row = dict(impl=impl, mode="fwd+bwd" if backward else "fwd", causal=causal, head_dim=d, seq=t,
-               batch=b, heads=h, dtype="bf16", status="ok", ms="", tflops="", peak_mem_mb="")
-    if impl == "torch_tiled" and t > args.tiled_max_seq:
-        row["status"] = "skipped"
-        return row
     q, k, v, do = (torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     if backward:
         for x in (q, k, v):
             x.requires_grad_(True)
-    fn = _make_fn(impl, q, k, v, causal, backward, do, tiled_block=128)
-    try:
-        fn()  # compile / autotune / pick algorithms outside the timed region
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        row["peak_mem_mb"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
-        ms = do_bench(fn, rep=args.rep, grad_to_none=[q, k, v] if backward else None, return_mode="median")
-    except torch.cuda.OutOfMemoryError:
-        row["status"] = "oom"
-    except RuntimeError as err:  # a backend that does not support this shape, for example
-        row["status"] = "error: " + str(err).splitlines()[0][:120]
-    else:
-        row["ms"] = round(ms, 4)
-        row["tflops"] = round(attention_flops(b, h, t, t, d, causal, backward) / ms / 1e9, 1)
-    del q, k, v, do, fn
+    rows, timers = {}, {}
+    for impl in impls:
+        row = dict(impl=impl, mode="fwd+bwd" if backward else "fwd", causal=causal, head_dim=d, seq=t,
+                   batch=b, heads=h, dtype="bf16", status="ok", ms="", ms_min="", ms_max="", tflops="",
+                   peak_mem_mb="")
+        rows[impl] = row
+        if impl == "torch_tiled" and t > args.tiled_max_seq:
+            row["status"] = "skipped"
+            continue
+        fn = _make_fn(impl, q, k, v, causal, backward, do, tiled_block=128)
+        try:
+            fn()  # compile / autotune / pick algorithms outside the timed region
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            row["peak_mem_mb"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+            if backward:
+                for x in (q, k, v):
+                    x.grad = None
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "oom"
+        except RuntimeError as err:  # a backend that does not support this shape, for example
+            row["status"] = "error: " + str(err).splitlines()[0][:120]
+        else:
+            timers[impl] = (lambda fn=fn: _bench_or_nan(do_bench, fn, args.rep, [q, k, v] if backward else None))
+        torch.cuda.empty_cache()
+    for impl, times in rounds(timers, args.rounds).items():
+        if any(ms != ms for ms in times):  # ran out of memory in a timed round
+            rows[impl]["status"] = "oom"
+            continue
+        st = spread(times)
+        ms = st["median"]
+        rows[impl].update(ms=round(ms, 4), ms_min=round(st["min"], 4), ms_max=round(st["max"], 4), _rounds=times,
+                          tflops=round(attention_flops(b, h, t, t, d, causal, backward) / ms / 1e9, 1))
+    del q, k, v, do, timers
     torch.cuda.empty_cache()
-    return row
+    return list(rows.values())
+
+
+def _bench_or_nan(do_bench, fn, rep, grads):
+    import torch
+
+    try:
+        return do_bench(fn, rep=rep, grad_to_none=grads, return_mode="median")
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return float("nan")
 
 
 def _gpu_correctness(d, causal) -> dict:
@@ -214,25 +251,32 @@ def _train_check(steps: int) -> dict:
             "max_abs_diff": max(abs(a - b) for a, b in zip(curves["sdpa"], curves["flash_triton"]))}
 
 
-def _ratios(rows) -> dict:
-    """Our speed over each SDPA backend's (higher is better) for causal bf16 rows with seq >= 4096."""
-    ms = {(r["impl"], r["mode"], r["causal"], r["head_dim"], r["seq"]): r["ms"] for r in rows if r["status"] == "ok"}
-    out = {}
-    for (impl, mode, causal, d, t), ours in ms.items():
+def _ratios(rows) -> tuple[dict, dict]:
+    """Our speed over each SDPA backend's (higher is better) for causal bf16 rows with seq >= 4096:
+    the ratio of the medians, and the range of the ratio taken round by round (paired rounds)."""
+    from lmcore.bench.timing import ratio_spread
+
+    ok = {(r["impl"], r["mode"], r["causal"], r["head_dim"], r["seq"]): r for r in rows if r["status"] == "ok"}
+    out, ranges = {}, {}
+    for (impl, mode, causal, d, t), ours in ok.items():
         if impl not in ("triton", "triton_tma") or not causal or t < 4096:
             continue
         for other in ("sdpa_cudnn", "sdpa_flash"):
-            theirs = ms.get((other, mode, causal, d, t))
+            theirs = ok.get((other, mode, causal, d, t))
             if theirs:
-                out[f"{impl}_{mode}_{other}_d{d}_t{t}"] = round(theirs / ours, 3)
-    return out
+                key = f"{impl}_{mode}_{other}_d{d}_t{t}"
+                out[key] = round(theirs["ms"] / ours["ms"], 3)
+                if len(theirs.get("_rounds", ())) == len(ours.get("_rounds", ())) > 0:
+                    st = ratio_spread(theirs["_rounds"], ours["_rounds"])
+                    ranges[key] = [round(st["min"], 3), round(st["max"], 3)]
+    return out, ranges
 
 
 def _write_csv(path, rows):
     from lmcore.utils import atomic_write
 
     with atomic_write(path) as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -273,32 +317,35 @@ def main(argv: list[str]) -> dict:
             for t in args.seqs:
                 b, h = max(1, args.tokens // t), max(1, args.width // d)
                 for backward in (False, True):
-                    for impl in args.impls:
-                        row = _measure(impl, b, h, t, d, causal, backward, args)
-                        rows.append(row)
-                        if not args.no_write:  # rewrite as we go, so a cut-short run keeps its rows
-                            _write_csv(out_dir / f"{stem}.csv", rows)
-                        if args.show_tuning and impl == "triton":
-                            from lmcore.kernels.flash_triton import last_tuning_timings
+                    cell = _measure_cell(args.impls, b, h, t, d, causal, backward, args)
+                    rows += cell
+                    if not args.no_write:  # rewrite as we go, so a cut-short run keeps its rows
+                        _write_csv(out_dir / f"{stem}.csv", rows)
+                    if args.show_tuning and "triton" in args.impls:
+                        from lmcore.kernels.flash_triton import last_tuning_timings
 
-                            for kname, cands in last_tuning_timings().items():
-                                best = ", ".join(f"{c} {t:.3f}" for c, t in cands[:4])
-                                print(f"   tuning {kname} d={d} causal={int(causal)} T={t}: {best}", flush=True)
+                        for kname, cands in last_tuning_timings().items():
+                            best = ", ".join(f"{c} {ms:.3f}" for c, ms in cands[:4])
+                            print(f"   tuning {kname} d={d} causal={int(causal)} T={t}: {best}", flush=True)
+                    for row in cell:
+                        spread = f"{row['ms_min']}-{row['ms_max']}" if row["ms"] != "" else ""
                         print(f"{row['impl']:15s} {row['mode']:8s} causal={int(causal)} d={d:4d} T={t:6d} "
-                              f"{row['status']:8s} {row['ms']!s:>9s} ms {row['tflops']!s:>7s} TFLOP/s "
-                              f"{row['peak_mem_mb']!s:>9s} MB", flush=True)
-    ratios = _ratios(rows)
+                              f"{row['status']:8s} {row['ms']!s:>9s} ms [{spread:>15s}] {row['tflops']!s:>7s} "
+                              f"TFLOP/s {row['peak_mem_mb']!s:>9s} MB", flush=True)
+    ratios, ratio_ranges = _ratios(rows)
 
     def worst(prefix):
         return min((v for k, v in ratios.items() if k.startswith(prefix)), default=None)
 
-    result = {"metrics": {"ratios": ratios, "min_ratio_vs_cudnn_fwd": worst("triton_fwd_sdpa_cudnn"),
+    result = {"metrics": {"ratios": ratios, "ratio_ranges_over_rounds": ratio_ranges,
+                          "min_ratio_vs_cudnn_fwd": worst("triton_fwd_sdpa_cudnn"),
                           "min_ratio_vs_cudnn_fwdbwd": worst("triton_fwd+bwd_sdpa_cudnn"),
                           "correctness_rel_err": correctness},
               "training_check": training,
               "provenance": provenance(command), "autotune": autotune_choices(), "rows": len(rows),
               "settings": {"tokens": args.tokens, "width": args.width, "dtype": "bf16",
-                           "timer": "triton.testing.do_bench median", "rep_ms": args.rep}}
+                           "timer": "triton.testing.do_bench median per round; median over interleaved rounds",
+                           "rep_ms": args.rep, "rounds": args.rounds}}
     if not args.no_write:
         from lmcore.utils import atomic_write
 

@@ -13,9 +13,13 @@ lengths 1k-32k, head dims 64 and 128, bf16, forward and forward+backward, one ru
   and ``sdpa_causal`` (dense causal SDPA) as the dense reference;
 - ``nsa`` against the dense kernel at 8k-32k.
 
-Every row of the CSV carries the pattern, its block density and the work ratio
-``dense causal density / density``. ``--out-dir`` writes ``sparse-<gpu>.csv`` and
-``sparse-<gpu>.json`` (provenance and summary). Without CUDA it reports that and measures nothing.
+The implementations of one case are timed on the same inputs, interleaved over ``--rounds``
+rounds (``lmcore.bench.timing``); each is captured as a CUDA graph where possible and replayed back
+to back, so the times are the kernels' and not the host's (the ``timing`` column says which), and
+``ms`` is the median over rounds with ``ms_min``/``ms_max`` its range. Every row of the CSV carries
+the pattern, its block density and the work ratio ``dense causal density / density``.
+``--out-dir`` writes ``sparse-<gpu>.csv`` and ``sparse-<gpu>.json`` (provenance and summary).
+Without CUDA it reports that and measures nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import re
 import time
 
 FIELDS = ["method", "pattern", "params", "causal", "seq", "head_dim", "batch", "heads", "block_size",
-          "density", "work_ratio", "pass", "ms", "peak_mb", "note"]
+          "density", "work_ratio", "pass", "ms", "ms_min", "ms_max", "timing", "peak_mb", "note"]
 
 
 def gpu_slug(name: str) -> str:
@@ -53,6 +57,8 @@ def _parse(argv):
     ap.add_argument("--min-seq-other-head-dims", type=int, default=4096,
                     help="head dims after the first are measured from this length up")
     ap.add_argument("--no-sdpa-mask-above", type=int, default=32768, help="skip masked SDPA above this length")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per case (median reported)")
+    ap.add_argument("--no-graphs", action="store_true", help="time plain calls, not CUDA-graph replays")
     return ap.parse_args(argv)
 
 
@@ -73,33 +79,6 @@ def patterns_for(seq: int, bs: int, quick: bool, short: bool = False) -> list[tu
         ("dilated", {"span": seq // 2, "dilation": 2}),
     ]
     return cases + (more[:2] if short else more)
-
-
-class Timer:
-    """Median of CUDA-event timings, with as many repetitions as fit in ~``target_ms``."""
-
-    def __init__(self, torch, target_ms: float = 80.0):
-        self.torch, self.target_ms = torch, target_ms
-
-    def __call__(self, fn) -> float:
-        cuda = self.torch.cuda
-        fn()
-        cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        cuda.synchronize()
-        est = (time.perf_counter() - t0) * 1e3
-        reps = int(min(50, max(3, self.target_ms / max(est, 1e-3))))
-        times = []
-        for _ in range(reps):
-            a, b = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        times.sort()
-        return times[len(times) // 2]
 
 
 def _peak_mb(torch, fn) -> float:
@@ -174,6 +153,7 @@ def run(args) -> dict:
     import torch.nn.functional as F
 
     from lmcore.bench import provenance
+    from lmcore.bench.timing import Replay, rounds, spread
     from lmcore.sparse import block_sparse_attention, make_layout, nsa_attention
     from lmcore.sparse.kernel import autotune_choices
 
@@ -192,7 +172,6 @@ def run(args) -> dict:
     nsa_seqs = [int(s) for s in args.nsa_seqs.split(",")] if args.nsa_seqs else ([8192] if quick else [8192, 16384, 32768])
     bs = args.block_size
     dt = torch.bfloat16
-    timer = Timer(torch)
     flex = Flex(torch)
     rows: list[dict] = []
     started = time.time()
@@ -202,24 +181,45 @@ def run(args) -> dict:
         if args.out_dir:
             _write(args.out_dir, gpu, rows, {"provenance": prov, "partial": True})
 
-    def measure(method, fwd, common, pass_names=("fwd", "fwd+bwd"), note=""):
-        """Time ``fwd`` alone and with backward; record rows (an error is recorded, not raised)."""
+    def measure(entries, common, pass_names=("fwd", "fwd+bwd")):
+        """Time each ``(method, fwd, note)`` of ``entries`` on the same inputs, interleaved over
+        ``--rounds`` rounds (CUDA-graph replays where the call can be captured); record one row per
+        method and pass with the median time and the range. An error is recorded, not raised."""
         q, k, v, do = common["_inputs"]
         for pname in pass_names:
-            row = {f: common.get(f, "") for f in FIELDS}
-            row.update(method=method, **{"pass": pname}, note=note)
+            timers, here = {}, {}
+            for method, fwd, note in entries:
+                row = {f: common.get(f, "") for f in FIELDS}
+                row.update(method=method, **{"pass": pname}, note=note)
+                try:
+                    if pname == "fwd":
+                        fn = lambda fwd=fwd: fwd(q, k, v)  # noqa: E731
+                    else:
+                        fn = lambda fwd=fwd: torch.autograd.grad(fwd(q, k, v), (q, k, v), do)  # noqa: E731
+                    row["peak_mb"] = round(_peak_mb(torch, fn), 1)  # also the warm-up (tuning, compiling)
+                    timers[method] = Replay(fn, graph=not args.no_graphs)
+                    row["timing"] = timers[method].mode
+                    if timers[method].error and not args.no_graphs:
+                        row["note"] = (note + " " if note else "") + f"not captured: {timers[method].error}"
+                except Exception as err:  # noqa: BLE001 - keep measuring the rest
+                    timers.pop(method, None)
+                    row["ms"] = float("nan")
+                    row["note"] = (note + " " if note else "") + f"error: {type(err).__name__}: {str(err)[:160]}"
+                    torch.cuda.empty_cache()
+                here[method] = row
             try:
-                if pname == "fwd":
-                    fn = lambda: fwd(q, k, v)  # noqa: E731
-                else:
-                    fn = lambda: torch.autograd.grad(fwd(q, k, v), (q, k, v), do)  # noqa: E731
-                row["ms"] = round(timer(fn), 4)
-                row["peak_mb"] = round(_peak_mb(torch, fn), 1)
-            except Exception as err:  # noqa: BLE001 - keep measuring the rest
-                row["ms"] = float("nan")
-                row["note"] = (note + " " if note else "") + f"error: {type(err).__name__}: {str(err)[:160]}"
-                torch.cuda.empty_cache()
-            rows.append(row)
+                for method, times in rounds(timers, args.rounds).items():
+                    st = spread(times)
+                    here[method].update(ms=round(st["median"], 4), ms_min=round(st["min"], 4),
+                                        ms_max=round(st["max"], 4), _rounds=times)
+            except Exception as err:  # noqa: BLE001
+                for method in timers:
+                    here[method].update(ms=float("nan"), note=f"error: {type(err).__name__}: {str(err)[:160]}")
+            for t in timers.values():
+                t.close()
+            del timers
+            rows.extend(here.values())
+            torch.cuda.empty_cache()
 
     def sweep(hd, seqs, short=False):
         heads = max(1, args.model_dim // hd)
@@ -236,32 +236,37 @@ def run(args) -> dict:
                     "causal": True, "_inputs": (q, k, v, do)}
             # dense references
             ref = dict(base, pattern="dense", params="{}", density=round(dense_density, 4), work_ratio=1.0)
+            dense = [("sdpa_causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "")]
             if flash_attention is not None:
-                measure("flash_dense", lambda q, k, v: flash_attention(q, k, v, causal=True), ref)
-            measure("sdpa_causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), ref)
+                dense.insert(0, ("flash_dense", lambda q, k, v: flash_attention(q, k, v, causal=True), ""))
+            measure(dense, ref)
             for name, params in patterns_for(seq, bs, quick, short):
                 layout = make_layout(name, seq, bs, causal=True, **params).to("cuda")
                 common = dict(base, pattern=name, params=json.dumps(params, sort_keys=True),
                               density=round(layout.density, 4), work_ratio=round(dense_density / layout.density, 3))
-                measure("block_sparse", lambda q, k, v: block_sparse_attention(q, k, v, layout, causal=True), common)
+                entries = [("block_sparse", lambda q, k, v, lay=layout: block_sparse_attention(q, k, v, lay, causal=True), "")]
+                bm = None
                 try:
                     bm = flex.block_mask(layout, causal=True)
                     out_flex = flex(q, k, v, bm)  # compiles (first time per length) outside the guard
                     torch.autograd.grad(out_flex, (q, k, v), do)
                     out_ours = block_sparse_attention(q, k, v, layout, causal=True)
                     err = (out_flex.float() - out_ours.float()).abs().max().item()
-                    with _compiled_guard(torch):
-                        measure("flex", lambda q, k, v: flex(q, k, v, bm), common, note=f"compiled; max|flex-ours|={err:.3g}")
-                    del bm, out_flex, out_ours
+                    entries.append(("flex", lambda q, k, v, bm=bm: flex(q, k, v, bm),
+                                    f"compiled; max|flex-ours|={err:.3g}"))
+                    del out_flex, out_ours
                 except Exception as err:  # noqa: BLE001
                     for pname in ("fwd", "fwd+bwd"):
                         rows.append({**{f: common.get(f, "") for f in FIELDS}, "method": "flex", "pass": pname,
                                      "ms": float("nan"), "note": f"error: {type(err).__name__}: {str(err)[:160]}"})
+                mask = None
                 if seq <= args.no_sdpa_mask_above:
                     mask = layout.element_mask()  # (T, T) bool: the dense mask SDPA needs
-                    measure("sdpa_mask", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-                            common, note=f"mask {mask.numel() / 2**20:.0f} MiB")
-                    del mask
+                    entries.append(("sdpa_mask", lambda q, k, v, mask=mask: F.scaled_dot_product_attention(
+                        q, k, v, attn_mask=mask), f"mask {mask.numel() / 2**20:.0f} MiB"))
+                with _compiled_guard(torch):  # FlexAttention must run its compiled code, never recompile
+                    measure(entries, common)
+                del entries, bm, mask
                 torch.cuda.empty_cache()
             write_partial()
             del q, k, v, do
@@ -282,12 +287,13 @@ def run(args) -> dict:
         opts = {"block_size": 64, "top_n": 16, "window": 512}
         common = {"seq": seq, "head_dim": hd, "batch": batch, "heads": heads, "block_size": 64, "causal": True,
                   "pattern": "nsa", "params": json.dumps(opts, sort_keys=True), "_inputs": (q, k, v, do)}
-        measure("nsa", lambda q, k, v: nsa_attention(q, k, v, causal=True, **opts), common)
+        measure([("nsa", lambda q, k, v: nsa_attention(q, k, v, causal=True, **opts), "")], common)
         ref = dict(common, pattern="dense", params="{}", density=round(make_layout("dense", seq, 64, True).density, 4))
+        dense = [("sdpa_causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                  "nsa reference")]
         if flash_attention is not None:
-            measure("flash_dense", lambda q, k, v: flash_attention(q, k, v, causal=True), ref, note="nsa reference")
-        measure("sdpa_causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), ref,
-                note="nsa reference")
+            dense.insert(0, ("flash_dense", lambda q, k, v: flash_attention(q, k, v, causal=True), "nsa reference"))
+        measure(dense, ref)
         write_partial()
         del q, k, v, do
         torch.cuda.empty_cache()
@@ -306,12 +312,21 @@ def run(args) -> dict:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Ratios within the run: ours vs FlexAttention, and vs the dense kernel against the work ratio."""
-    def ms(method, key, p):
+    """Ratios within the run: ours vs FlexAttention, and vs the dense kernel against the work ratio.
+
+    ``vs_flex`` divides the two medians over rounds; where the rows keep their rounds
+    (``_rounds``), ``vs_flex_min`` and ``vs_flex_max`` give the range of the round-by-round ratio."""
+    from lmcore.bench.timing import ratio_spread
+
+    def find(method, key, p):
         for r in rows:
             if r["method"] == method and (r["pattern"], r["params"], r["seq"], r["head_dim"]) == key and r["pass"] == p:
-                return r["ms"]
+                return r
         return None
+
+    def ms(method, key, p):
+        r = find(method, key, p)
+        return r["ms"] if r else None
 
     def dense_ms(seq, hd, p):
         for method in ("flash_dense", "sdpa_causal"):
@@ -334,6 +349,10 @@ def summarize(rows: list[dict]) -> dict:
                 "dense": dense_name, "vs_dense": round(d_ms / r["ms"], 3) if _ok(d_ms) else None}
         if case["vs_dense"] is not None:
             case["vs_dense_over_work"] = round(case["vs_dense"] / r["work_ratio"], 3)
+        theirs = (find("flex", key, r["pass"]) or {}).get("_rounds")
+        if theirs and len(theirs) == len(r.get("_rounds") or ()):  # the ratio round by round
+            st = ratio_spread(theirs, r["_rounds"])
+            case["vs_flex_min"], case["vs_flex_max"] = round(st["min"], 3), round(st["max"], 3)
         cases.append(case)
     vs_flex = [c["vs_flex"] for c in cases if c["vs_flex"] is not None]
     target = [c for c in cases if c["seq"] >= 16384 and c["density"] >= 0.10 and c.get("vs_dense_over_work") is not None

@@ -546,6 +546,7 @@ def block_sparse_attention_torch(q, k, v, layout: BlockLayout, causal: bool = Fa
     n = num_blocks(T, bs)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     index = block_index(layout, causal, q.device)
+    index.strides(B, H)  # the layout's batch and heads must fit the inputs'
     pad = n * bs - T
     qp, kp, vp = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))  # (B, H, n*bs, D)
     Lb, Lh = index.row_cnt.shape[:2]

@@ -32,6 +32,10 @@ def test_summarize_ratios():
     case = s["cases"][0]
     assert case["vs_flex"] == 1.5 and case["vs_dense"] == 3.0 and case["vs_dense_over_work"] == 0.75
     assert s["vs_flex_fwd_at_least_1"] == "1/1" and s["vs_dense_over_work_fwd_at_least_0.7"] == "1/1"
+    assert "vs_flex_min" not in case  # no rounds kept: no range
+    rows[0]["_rounds"], rows[1]["_rounds"] = [1.0, 1.0, 2.0], [1.5, 1.2, 1.8]
+    case = bench.summarize(rows)["cases"][0]
+    assert (case["vs_flex_min"], case["vs_flex_max"]) == (0.9, 1.5)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")

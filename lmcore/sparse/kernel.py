@@ -27,26 +27,18 @@ allowed key gets output 0 and ``LSE = +inf`` (so its backward terms are 0, never
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
+from lmcore.kernels.common import (LOG2E, autotune_bench, head_class, interpreting, precision, rowsum_delta,
+                                   seq_bucket, triton)
 from lmcore.sparse.patterns import BlockLayout, num_blocks
 
-try:
-    import triton
+if triton is not None:
     import triton.language as tl
-except ImportError:  # pragma: no cover - triton is a Linux dependency
-    triton = None
 
-LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128, 256)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,17 +200,6 @@ if triton is not None:
         tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
     @triton.jit
-    def _delta_kernel(O, DO, Delta, T, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """delta = rowsum(dO * O) in float32, without float32 copies of the two tensors."""
-        bh = tl.program_id(1).to(tl.int64)
-        offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, HEAD_DIM)
-        ptrs = bh * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-        o = tl.load(O + ptrs, mask=offs_m[:, None] < T, other=0.0)
-        do = tl.load(DO + ptrs, mask=offs_m[:, None] < T, other=0.0)
-        tl.store(Delta + bh * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < T)
-
-    @triton.jit
     def _dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, base, row_base, Idx, Flag, lst, lo, hi, offs_n, offs_d,
                     T, qk_scale, window, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
@@ -361,10 +342,6 @@ GPU_CONFIGS: dict[str, dict[str, list[tuple[int, int, int, int]]]] = {
 }
 
 
-def _head_class(head_dim: int) -> str:
-    return "small" if head_dim <= 64 else "large"
-
-
 def _configs(kind: str):
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
@@ -382,27 +359,22 @@ def _pruner(kind: str):
         if interpreting():
             return configs
         hd = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        wanted = set(GPU_CONFIGS[kind][_head_class(hd)])
+        wanted = set(GPU_CONFIGS[kind][head_class(hd)])
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= bs and c.kwargs["BLOCK_N"] <= bs
                 and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
         if not kept:
-            bm, bn, w, st = GPU_CONFIGS[kind][_head_class(hd)][0]
+            bm, bn, w, st = GPU_CONFIGS[kind][head_class(hd)][0]
             kept = [triton.Config({"BLOCK_M": min(bm, bs), "BLOCK_N": min(bn, bs)}, num_warps=w, num_stages=st)]
         return kept
 
     return prune
 
 
-def _bench(kernel_call, quantiles):
-    """Time one candidate while autotuning (shorter than Triton's default)."""
-    return triton.testing.do_bench(kernel_call, warmup=10, rep=40, quantiles=quantiles)
-
-
 if triton is not None:
     _KEY = ["BLOCK_SIZE", "HEAD_DIM", "PRECISION", "SEQ_BUCKET"]
 
     def _tuned(kind, fn):
-        return triton.autotune(_configs(kind), key=_KEY, do_bench=_bench,
+        return triton.autotune(_configs(kind), key=_KEY, do_bench=autotune_bench,
                                prune_configs_by={"early_config_prune": _pruner(kind)})(fn)
 
     _fwd = _tuned("fwd", _fwd_kernel)
@@ -422,15 +394,6 @@ def autotune_choices() -> dict:
     return out
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _seq_bucket(n: int) -> int:
-    """Autotuning key for a sequence length: the next power of two."""
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, index: BlockIndex, block_size: int, scale: float):
@@ -441,8 +404,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         slb, slh = index.strides(B, H)
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
         _fwd[grid](q, k, v, o, lse, index.row_idx, index.row_flag, index.row_cnt, index.row_full,
-                   H, T, scale * LOG2E, index.window, slb, slh, index.row_idx.shape[-1], _seq_bucket(T),
-                   BLOCK_SIZE=block_size, HEAD_DIM=D, PRECISION=_precision(q.dtype))
+                   H, T, scale * LOG2E, index.window, slb, slh, index.row_idx.shape[-1], seq_bucket(T),
+                   BLOCK_SIZE=block_size, HEAD_DIM=D, PRECISION=precision(q.dtype))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.index, ctx.block_size, ctx.scale = index, block_size, scale
         return o
@@ -453,11 +416,10 @@ class _BlockSparseAttention(torch.autograd.Function):
         index, block_size, scale = ctx.index, ctx.block_size, ctx.scale
         do = do.contiguous()
         B, H, T, D = q.shape
-        delta = torch.empty_like(lse)  # (B, H, T) rowsum(dO * O), float32
-        _delta_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, T, BLOCK=64, HEAD_DIM=D)
+        delta = rowsum_delta(o, do)  # (B, H, T) rowsum(dO * O), float32
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         slb, slh = index.strides(B, H)
-        prec, bucket = _precision(q.dtype), _seq_bucket(T)
+        prec, bucket = precision(q.dtype), seq_bucket(T)
         _dkdv[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)](
             q, k, v, do, lse, delta, dk, dv, index.col_idx, index.col_flag, index.col_cnt, index.col_full,
             H, T, scale * LOG2E, scale, index.window, slb, slh, index.col_idx.shape[-1], bucket,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
@@ -122,11 +121,6 @@ class AdamW(torch.optim.Optimizer):
             p.addcdiv_(m_, denom, value=-lr / bias1)
 
 
-def _interpreting() -> bool:
-    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @functools.cache
 def _triton_available() -> bool:
     try:
@@ -140,8 +134,9 @@ def _check_fusable(params) -> None:
     """Refuse ``fused=True`` where the kernel cannot run, naming the reason."""
     if not _triton_available():
         raise RuntimeError("AdamW(fused=True) needs triton, which is not importable; use fused=None or False")
+    from lmcore.kernels.common import interpreting  # imported here: it defines Triton kernels
     for p in params:
-        if not p.is_cuda and not _interpreting():
+        if not p.is_cuda and not interpreting():
             raise ValueError(f"AdamW(fused=True) got a parameter on {p.device} (shape {tuple(p.shape)}): the fused "
                              "kernel needs CUDA tensors, or TRITON_INTERPRET=1 to run Triton's interpreter on CPU")
         if not p.is_floating_point():

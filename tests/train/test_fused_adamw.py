@@ -11,7 +11,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from lmcore.train import AdamW  # noqa: E402
-from lmcore.train.optim import BLOCK, _interpreting  # noqa: E402
+from lmcore.kernels.common import interpreting as _interpreting  # noqa: E402
+from lmcore.train.optim import BLOCK  # noqa: E402
 
 pytest.importorskip("triton")
 

@@ -8,13 +8,13 @@ listed in :func:`activation_bytes_per_layer`, so the chapter can show where each
 from __future__ import annotations
 
 from lmcore.nn import ModelConfig
+from lmcore.nn.registry import attention_capabilities
 
 #: Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets), for model FLOP utilisation.
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "GH200": 989.4, "A100": 312.0,
                     "A10G": 70.0, "L4": 121.0, "L40S": 362.0, "4090": 165.2, "B200": 2250.0}
 
 _BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
-_FUSED = {"sdpa", "flash_triton", "flash_torch"}  # backends that do not store the T x T matrix
 
 
 def _check(config) -> ModelConfig:
@@ -61,6 +61,20 @@ def flops_per_token(config: ModelConfig, seq_len: int | None = None, training: b
     return 3 * forward if training else forward
 
 
+def attention_flops(batch: int, heads: int, t_q: int, t_k: int, head_dim: int, causal: bool,
+                    backward: bool = False) -> float:
+    """Matrix-multiply FLOPs of attention: ``4 B H Tq Tk D`` forward, 2.5x that for the backward.
+
+    Causal attention does about half the work (the exact count of visible pairs is used, the
+    queries being the last ``Tq`` of ``Tk`` positions).
+    """
+    pairs = t_q * t_k
+    if causal:  # query i sees i + 1 + (t_k - t_q) keys
+        pairs = t_q * (t_k - t_q) + t_q * (t_q + 1) // 2
+    fwd = 4.0 * batch * heads * pairs * head_dim
+    return fwd * (1.0 + 2.5) if backward else fwd
+
+
 def peak_tflops(device_name: str) -> float | None:
     """Dense bf16 peak of a GPU from its name, or None when unknown."""
     for key, value in PEAK_BF16_TFLOPS.items():
@@ -95,7 +109,7 @@ def activation_bytes_per_layer(config: ModelConfig, batch: int, seq: int, dtype:
         "rotated q, k; v; attention output": 2 * a * n * d + keys_values + 4 * n * H,  # + log-sum-exp per row
         "SwiGLU hidden (W1x|W3x, silu, product)": 4 * a * n * f,
     }
-    if c.attention_backend not in _FUSED:  # the written-out backends keep scores and probabilities
+    if attention_capabilities(c.attention_backend).stores_scores:  # written out: scores and probabilities kept
         parts["attention matrix (T x T)"] = batch * H * seq * seq * (3 * a if a == 2 else 2 * a) + seq * seq
     return parts
 

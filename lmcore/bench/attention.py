@@ -130,7 +130,7 @@ def _measure_cell(impls, b, h, t, d, causal, backward, args):
     from triton.testing import do_bench
 
     from lmcore.bench.timing import rounds, spread
-    from lmcore.kernels import attention_flops
+    from lmcore.accounting import attention_flops
 
     q, k, v, do = (torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     if backward:

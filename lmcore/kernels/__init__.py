@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from lmcore.kernels.flash_torch import FlashAttentionTorch
 from lmcore.kernels.flash_triton import FlashAttentionTriton, flash_attention
-from lmcore.kernels.reference import attention_flops, attention_reference, causal_mask
+from lmcore.kernels.reference import attention_reference
 from lmcore.nn.registry import register_attention_backend
 
 __all__ = ["FlashAttentionTorch", "FlashAttentionTriton", "flash_attention", "attention_reference",
-           "attention_flops", "causal_mask", "flash_attention_torch"]
+           "flash_attention_torch"]
 
 
 def flash_attention_torch(q, k, v, causal: bool = False, scale: float | None = None,
@@ -27,7 +27,7 @@ def flash_attention_torch(q, k, v, causal: bool = False, scale: float | None = N
     return (out, lse) if return_lse else out
 
 
-@register_attention_backend("flash_triton")
+@register_attention_backend("flash_triton", kv_offsets=True)
 def _flash_triton_backend(q, k, v, causal: bool = True, scale: float | None = None, **options):
     """Attention backend ``flash_triton``: the Triton kernels."""
     if options:
@@ -35,7 +35,7 @@ def _flash_triton_backend(q, k, v, causal: bool = True, scale: float | None = No
     return flash_attention(q, k, v, causal=causal, scale=scale)
 
 
-@register_attention_backend("flash_torch")
+@register_attention_backend("flash_torch", kv_offsets=True)
 def _flash_torch_backend(q, k, v, causal: bool = True, scale: float | None = None, block_m: int = 64,
                          block_n: int = 64, **options):
     """Attention backend ``flash_torch``: the tiled PyTorch version."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmcore.nn.layers import Linear, softmax
-from lmcore.nn.registry import get_attention_backend, register_attention_backend
+from lmcore.nn.registry import attention_capabilities, get_attention_backend, register_attention_backend
 
 
 def causal_mask(t_q: int, t_k: int, device=None) -> torch.Tensor:
@@ -27,16 +27,36 @@ def causal_mask(t_q: int, t_k: int, device=None) -> torch.Tensor:
 
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(d) + mask) v``; ``mask`` is boolean with True = may attend.
+                                 mask: torch.Tensor | None = None, scale: float | None = None,
+                                 return_lse: bool = False):
+    """``softmax(q k^T * scale + mask) v``, the score matrix written out; ``mask`` is boolean, True = may attend.
 
     Shapes: ``q`` (..., Tq, D), ``k`` (..., Tk, D), ``v`` (..., Tk, Dv), ``mask`` broadcastable to
-    (..., Tq, Tk). Returns (..., Tq, Dv).
+    (..., Tq, Tk). ``scale`` defaults to ``1/sqrt(D)``. Returns (..., Tq, Dv); a row whose mask
+    allows no key gets zeros. With ``return_lse`` also the row log-sum-exp of the scaled scores
+    ``L = log sum_j exp(s_j)`` (natural log, float32, (..., Tq); ``-inf`` for a row with no key).
+    Every other attention in lmcore is checked against this one.
     """
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., Tq, Tk)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (..., Tq, Tk)
+    empty = None
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return softmax(scores, dim=-1) @ v  # (..., Tq, Dv)
+        empty = ~mask.any(-1, keepdim=True)  # (..., Tq, 1) rows that see no key
+        if empty.any():
+            scores = scores.masked_fill(empty, 0.0)  # finite, so the softmax below stays NaN-free
+        else:
+            empty = None
+    probs = softmax(scores, dim=-1)  # (..., Tq, Tk)
+    if empty is not None:
+        probs = probs.masked_fill(empty, 0.0)
+    out = probs @ v  # (..., Tq, Dv)
+    if not return_lse:
+        return out
+    lse = torch.logsumexp(scores.float(), dim=-1)  # (..., Tq)
+    if empty is not None:
+        lse = lse.masked_fill(empty.squeeze(-1), float("-inf"))
+    return out, lse
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -48,7 +68,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                          f"v={tuple(v.shape)}")
 
 
-@register_attention_backend("reference")
+@register_attention_backend("reference", kv_offsets=True, stores_scores=True)
 def reference_attention(q, k, v, causal: bool = True, **options):
     """The written-out math, one (batch, head) at a time: slow, and obviously right."""
     _check(q, k, v)
@@ -61,7 +81,7 @@ def reference_attention(q, k, v, causal: bool = True, **options):
     return out
 
 
-@register_attention_backend("vectorized")
+@register_attention_backend("vectorized", kv_offsets=True, stores_scores=True)
 def vectorized_attention(q, k, v, causal: bool = True, **options):
     """The same math on all batches and heads at once (batched matmuls)."""
     _check(q, k, v)
@@ -69,7 +89,7 @@ def vectorized_attention(q, k, v, causal: bool = True, **options):
     return scaled_dot_product_attention(q, k, v, mask)  # (B, H, Tq, D)
 
 
-@register_attention_backend("sdpa")
+@register_attention_backend("sdpa", kv_offsets=True)
 def sdpa_attention(q, k, v, causal: bool = True, **options):
     """``torch.nn.functional.scaled_dot_product_attention`` (fused kernels such as FlashAttention)."""
     _check(q, k, v)
@@ -79,11 +99,6 @@ def sdpa_attention(q, k, v, causal: bool = True, **options):
             return F.scaled_dot_product_attention(q, k, v, is_causal=False, **options)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t_q, t_k, q.device), **options)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, **options)
-
-
-#: Backends that handle fewer queries than keys (the queries being the last positions). Others are
-#: only called with equal lengths; cached decoding steps go through ``sdpa`` for them.
-_KNOWS_OFFSETS = {"reference", "vectorized", "sdpa"}
 
 
 class CausalSelfAttention(nn.Module):
@@ -106,6 +121,7 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = Linear(n_heads * self.head_dim, d_model, device=device, dtype=dtype)
         self.backend_name = backend
         self.attend = get_attention_backend(backend)
+        self.kv_offsets = attention_capabilities(backend).kv_offsets
         self.backend_options = dict(backend_options or {})
 
     def forward(self, x: torch.Tensor, rope=None, start_pos: int = 0, cache=None, layer: int = 0):
@@ -122,7 +138,7 @@ class CausalSelfAttention(nn.Module):
             repeat = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(repeat, dim=1)  # (B, H, Tk, D)
             v = v.repeat_interleave(repeat, dim=1)  # (B, H, Tk, D)
-        if k.shape[-2] != T and self.backend_name not in _KNOWS_OFFSETS:
+        if k.shape[-2] != T and not self.kv_offsets:
             y = sdpa_attention(q, k, v, causal=True)  # decoding with a cache: queries are the last positions
         else:
             y = self.attend(q, k, v, causal=True, **self.backend_options)  # (B, H, T, D)

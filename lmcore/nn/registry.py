@@ -5,8 +5,13 @@ shape ``(batch, heads, seq, head_dim)`` (``k`` and ``v`` may have their own sequ
 ``TransformerLM(config)`` looks its ``attention_backend`` up here by name, so later chapters
 plug their kernels in without touching the model::
 
-    @register_attention_backend("flash_triton")
+    @register_attention_backend("flash_triton", kv_offsets=True, stores_scores=False)
     def _flash(q, k, v, causal=True, **options): ...
+
+What a backend can do is registered with it and read back with :func:`attention_capabilities`:
+``kv_offsets`` (it takes fewer queries than keys, the queries being the last positions, as when
+decoding with a KV cache) and ``stores_scores`` (autograd keeps the ``T x T`` score matrix, which
+the memory estimate of :mod:`lmcore.accounting` counts).
 
 Backends defined in optional subpackages register themselves on import; ``get_attention_backend``
 imports the module listed in ``_LAZY`` the first time such a name is asked for.
@@ -15,11 +20,22 @@ imports the module listed in ``_LAZY`` the first time such a name is asked for.
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Callable
 
 AttentionFn = Callable[..., "object"]
 
+
+@dataclass(frozen=True)
+class AttentionCapabilities:
+    """What a registered backend can do (see the module docstring)."""
+
+    kv_offsets: bool = False
+    stores_scores: bool = False
+
+
 _BACKENDS: dict[str, AttentionFn] = {}
+_CAPABILITIES: dict[str, AttentionCapabilities] = {}
 
 # name -> module that registers it when imported (kept lazy so torch-only users never import triton)
 _LAZY: dict[str, str] = {
@@ -33,11 +49,13 @@ _LAZY: dict[str, str] = {
 }
 
 
-def register_attention_backend(name: str) -> Callable[[AttentionFn], AttentionFn]:
-    """Decorator: register ``fn`` as the attention backend called ``name``."""
+def register_attention_backend(name: str, *, kv_offsets: bool = False,
+                               stores_scores: bool = False) -> Callable[[AttentionFn], AttentionFn]:
+    """Decorator: register ``fn`` as the attention backend called ``name``, with its capabilities."""
 
     def decorate(fn: AttentionFn) -> AttentionFn:
         _BACKENDS[name] = fn
+        _CAPABILITIES[name] = AttentionCapabilities(kv_offsets=kv_offsets, stores_scores=stores_scores)
         return fn
 
     return decorate
@@ -51,6 +69,12 @@ def get_attention_backend(name: str) -> AttentionFn:
         known = sorted(set(_BACKENDS) | set(_LAZY))
         raise ValueError(f"unknown attention backend {name!r}; expected one of: {', '.join(known)}")
     return _BACKENDS[name]
+
+
+def attention_capabilities(name: str) -> AttentionCapabilities:
+    """What the backend ``name`` can do (importing the module that registers it if needed)."""
+    get_attention_backend(name)
+    return _CAPABILITIES[name]
 
 
 def attention_backends() -> list[str]:

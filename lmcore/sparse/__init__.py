@@ -33,7 +33,7 @@ def _cached_layout(pattern: str, seq_len: int, block_size: int, causal: bool, pa
     return make_layout(pattern, seq_len, block_size, causal=causal, **dict(params))
 
 
-@register_attention_backend("block_sparse")
+@register_attention_backend("block_sparse", kv_offsets=True)
 def block_sparse_backend(q, k, v, causal: bool = True, pattern: str = "local", block_size: int = 64,
                          impl: str = "auto", **params):
     """Attention backend: ``pattern`` with ``params`` (e.g. ``window=128``) at ``block_size``.
@@ -49,7 +49,7 @@ def block_sparse_backend(q, k, v, causal: bool = True, pattern: str = "local", b
     return block_sparse_attention(q, k, v, layout, causal=causal, impl=impl)
 
 
-@register_attention_backend("nsa")
+@register_attention_backend("nsa", stores_scores=True)
 def nsa_backend(q, k, v, causal: bool = True, **options):
     """Attention backend: parameter-free NSA (mean-pooled compression, equal gates); see ``nsa_attention``."""
     if q.shape[-2] != k.shape[-2]:

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from lmcore.kernels import (FlashAttentionTriton, attention_flops, attention_reference,
+from lmcore.accounting import attention_flops
+from lmcore.kernels import (FlashAttentionTriton, attention_reference,
                             flash_attention, flash_attention_torch)
 from lmcore.nn.registry import get_attention_backend
 
@@ -70,11 +71,11 @@ def test_separate_query_and_key_lengths(impl, t_q, t_k, causal):
 
 
 def test_causal_convention_matches_lmcore_nn():
-    from lmcore.nn.attention import causal_mask as nn_mask
-    from lmcore.kernels import causal_mask
+    """The kernels' causal convention is lmcore.nn's: queries are the last positions."""
+    from lmcore.nn.attention import vectorized_attention
 
-    for t_q, t_k in ((5, 5), (3, 7), (1, 4)):
-        assert torch.equal(causal_mask(t_q, t_k), nn_mask(t_q, t_k))
+    q, k, v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
+    torch.testing.assert_close(attention_reference(q, k, v, causal=True), vectorized_attention(q, k, v))
     with pytest.raises(ValueError, match="at least as many keys"):
         flash_attention(*(torch.randn(1, 1, n, 16) for n in (8, 4, 4)), causal=True)
 

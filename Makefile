@@ -8,7 +8,7 @@ EXTRAS      := book,test
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.lmcore-installed
 
-.PHONY: all setup book test clean
+.PHONY: all setup book test test-gpu clean
 
 all: test
 
@@ -27,6 +27,11 @@ book: setup
 
 test: setup
 	$(PY) -m pytest
+
+# On a CUDA machine: the kernel tests at real sizes and every test marked gpu.
+test-gpu: setup
+	$(PY) -m pytest -q tests/kernels tests/sparse tests/train/test_fused_adamw.py
+	$(PY) -m pytest -q -m gpu tests
 
 clean:
 	rm -rf _build _stage .pytest_cache

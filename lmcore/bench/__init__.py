@@ -15,7 +15,16 @@ BENCHMARKS = {
     "attention": "FlashAttention-2 in Triton against torch SDPA backends",
     "sparse": "block-sparse attention against FlexAttention and dense kernels",
     "ddp": "data-parallel wrappers against torch DDP",
+    "profile": "what limits the FlashAttention kernels: tile candidates with their resources, Nsight Compute",
 }
+
+
+def gpu_slug(name: str) -> str:
+    """A GPU's name as recorded files name it: ``"NVIDIA H100 80GB HBM3"`` -> ``"h100"``."""
+    import re
+
+    m = re.search(r"\b([A-Za-z]{1,3}\d{2,4}[A-Za-z]?)\b", name)
+    return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu").lower()
 
 
 def provenance(command: str | None = None) -> dict:

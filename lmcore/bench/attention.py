@@ -2,7 +2,8 @@
 
 On a GPU: time and TFLOP/s of every attention implementation, forward and forward+backward,
 bf16, head dim 64 and 128, causal and not, sequence 512..16384 (at a fixed 16k tokens per batch
-and model width 2048): our Triton kernel, the tiled PyTorch version, the written-out reference
+and model width 2048): our Triton kernels (``flash_triton``, as the attention registry names
+them), the tiled PyTorch version (``flash_torch``), the written-out reference
 (until it runs out of memory, recorded as ``oom``), and ``scaled_dot_product_attention`` with the
 flash (FlashAttention-2), cuDNN and memory-efficient backends forced in turn. Also the peak
 memory of each run above its inputs. Writes ``<out-dir>/attention-<gpu>.csv`` and a JSON with
@@ -22,10 +23,9 @@ import argparse
 import csv
 import json
 import os
-import re
 from pathlib import Path
 
-IMPLS = ("triton", "triton_tma", "torch_tiled", "reference", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
+IMPLS = ("flash_triton", "flash_torch", "reference", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
 FIELDS = ("impl", "mode", "causal", "head_dim", "seq", "batch", "heads", "dtype", "status", "ms",
           "ms_min", "ms_max", "tflops", "peak_mem_mb")
 
@@ -46,7 +46,6 @@ def _parse(argv):
     ap.add_argument("--skip-check", action="store_true", help="skip the correctness check against SDPA")
     ap.add_argument("--train-check", type=int, default=0, metavar="STEPS",
                     help="also train a small TransformerLM for STEPS steps with flash_triton and with sdpa")
-    ap.add_argument("--show-tuning", action="store_true", help="print every autotuning candidate's time")
     ap.add_argument("--no-write", action="store_true", help="print only; write no files")
     args = ap.parse_args(argv)
     if args.seqs is None:
@@ -55,11 +54,6 @@ def _parse(argv):
         if s <= 0:
             ap.error(f"--seqs must be positive, got {s}")
     return args
-
-
-def _gpu_slug(name: str) -> str:
-    name = re.sub(r"(?i)^nvidia\s+", "", name)
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
 def _cpu_check(args) -> dict:
@@ -75,7 +69,7 @@ def _cpu_check(args) -> dict:
         for t, d in ((48, 16), (80, 32)):
             q, k, v, do = (torch.randn(2, 2, t, d, generator=gen) for _ in range(4))
             want = attention_reference(q, k, v, causal)
-            for name, fn in (("triton", flash_attention), ("torch_tiled", flash_attention_torch)):
+            for name, fn in (("flash_triton", flash_attention), ("flash_torch", flash_attention_torch)):
                 got = fn(q, k, v, causal=causal)
                 err = ((got - want).norm() / want.norm()).item()
                 errors[f"{name}_causal{int(causal)}_t{t}_d{d}"] = err
@@ -90,16 +84,14 @@ def _make_fn(impl, q, k, v, causal, backward, do, tiled_block):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from lmcore.kernels import attention_reference, flash_attention, flash_attention_torch
-    from lmcore.kernels.flash_triton import TMA_ENV
 
     backends = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
                 "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
 
     def forward():
-        if impl in ("triton", "triton_tma"):  # the same kernels, tiles loaded through pointers or TMA
-            os.environ[TMA_ENV] = "1" if impl == "triton_tma" else "0"
+        if impl == "flash_triton":
             return flash_attention(q, k, v, causal=causal)
-        if impl == "torch_tiled":
+        if impl == "flash_torch":
             return flash_attention_torch(q, k, v, causal=causal, block_m=tiled_block, block_n=tiled_block)
         if impl == "reference":
             return attention_reference(q, k, v, causal=causal, upcast=False)
@@ -142,7 +134,7 @@ def _measure_cell(impls, b, h, t, d, causal, backward, args):
                    batch=b, heads=h, dtype="bf16", status="ok", ms="", ms_min="", ms_max="", tflops="",
                    peak_mem_mb="")
         rows[impl] = row
-        if impl == "torch_tiled" and t > args.tiled_max_seq:
+        if impl == "flash_torch" and t > args.tiled_max_seq:
             row["status"] = "skipped"
             continue
         fn = _make_fn(impl, q, k, v, causal, backward, do, tiled_block=128)
@@ -259,7 +251,7 @@ def _ratios(rows) -> tuple[dict, dict]:
     ok = {(r["impl"], r["mode"], r["causal"], r["head_dim"], r["seq"]): r for r in rows if r["status"] == "ok"}
     out, ranges = {}, {}
     for (impl, mode, causal, d, t), ours in ok.items():
-        if impl not in ("triton", "triton_tma") or not causal or t < 4096:
+        if impl != "flash_triton" or not causal or t < 4096:
             continue
         for other in ("sdpa_cudnn", "sdpa_flash"):
             theirs = ok.get((other, mode, causal, d, t))
@@ -290,7 +282,7 @@ def main(argv: list[str]) -> dict:
             raise SystemExit("the attention benchmark needs a CUDA GPU; on CPU use --quick (correctness only)")
         return _cpu_check(args)
 
-    from lmcore.bench import provenance
+    from lmcore.bench import gpu_slug, provenance
     from lmcore.kernels.flash_triton import autotune_choices
 
     shown = ["book/results" if i and argv[i - 1] == "--out-dir" else a for i, a in enumerate(argv)]
@@ -305,7 +297,7 @@ def main(argv: list[str]) -> dict:
               "max |diff| per step:", training["max_abs_diff"], flush=True)
     rows = []
     gpu = torch.cuda.get_device_name()
-    out_dir, stem = Path(args.out_dir), f"attention-{_gpu_slug(gpu)}"
+    out_dir, stem = Path(args.out_dir), f"attention-{gpu_slug(gpu)}"
     if not args.no_write:  # provenance first, completed at the end
         from lmcore.utils import atomic_write
 
@@ -321,12 +313,6 @@ def main(argv: list[str]) -> dict:
                     rows += cell
                     if not args.no_write:  # rewrite as we go, so a cut-short run keeps its rows
                         _write_csv(out_dir / f"{stem}.csv", rows)
-                    if args.show_tuning and "triton" in args.impls:
-                        from lmcore.kernels.flash_triton import last_tuning_timings
-
-                        for kname, cands in last_tuning_timings().items():
-                            best = ", ".join(f"{c} {ms:.3f}" for c, ms in cands[:4])
-                            print(f"   tuning {kname} d={d} causal={int(causal)} T={t}: {best}", flush=True)
                     for row in cell:
                         spread = f"{row['ms_min']}-{row['ms_max']}" if row["ms"] != "" else ""
                         print(f"{row['impl']:15s} {row['mode']:8s} causal={int(causal)} d={d:4d} T={t:6d} "
@@ -338,8 +324,8 @@ def main(argv: list[str]) -> dict:
         return min((v for k, v in ratios.items() if k.startswith(prefix)), default=None)
 
     result = {"metrics": {"ratios": ratios, "ratio_ranges_over_rounds": ratio_ranges,
-                          "min_ratio_vs_cudnn_fwd": worst("triton_fwd_sdpa_cudnn"),
-                          "min_ratio_vs_cudnn_fwdbwd": worst("triton_fwd+bwd_sdpa_cudnn"),
+                          "min_ratio_vs_cudnn_fwd": worst("flash_triton_fwd_sdpa_cudnn"),
+                          "min_ratio_vs_cudnn_fwdbwd": worst("flash_triton_fwd+bwd_sdpa_cudnn"),
                           "correctness_rel_err": correctness},
               "training_check": training,
               "provenance": provenance(command), "autotune": autotune_choices(), "rows": len(rows),

@@ -30,6 +30,42 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_inputs(q, k, v, causal: bool, dtypes=FLOAT_DTYPES) -> None:
+    """The contract both FlashAttention implementations share, checked before any work.
+
+    ``q`` of shape ``(B, H, Tq, D)`` or ``(B, Tq, D)``; ``k, v`` the same leading dimensions and
+    ``Tk`` rows; one floating dtype and one device; causal needs ``Tq <= Tk``.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != q.dim() or x.dim() not in (3, 4):
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected (batch, heads, seq, head_dim) "
+                             f"or (batch, seq, head_dim) like q {tuple(q.shape)}")
+    if q.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"q has dtype {q.dtype}; supported dtypes are {names}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if k.shape[:-2] != q.shape[:-2] or v.shape[:-2] != q.shape[:-2]:
+        raise ValueError(f"batch and heads must match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v must have the same sequence length; got {k.shape[-2]} and {v.shape[-2]}")
+    if k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q, k, v must share one head_dim; got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
+    if q.shape[-2] == 0 or k.shape[-2] == 0:
+        raise ValueError(f"sequence lengths must be positive; got q {q.shape[-2]}, k {k.shape[-2]}")
+    if causal and q.shape[-2] > k.shape[-2]:
+        raise ValueError(f"causal attention needs at least as many keys as queries (the queries are the "
+                         f"last {q.shape[-2]} positions); got {q.shape[-2]} queries and {k.shape[-2]} keys")
+
+
 def _tiles(n: int, block: int):
     """``(start, stop)`` of each tile of ``range(n)``; the last one may be short (the tail)."""
     return [(s, min(s + block, n)) for s in range(0, n, block)]
@@ -103,17 +139,16 @@ def flash_backward_torch(q, k, v, out, lse, dout, causal: bool, scale: float,
 class FlashAttentionTorch(torch.autograd.Function):
     """FlashAttention-2 in plain PyTorch: ``FlashAttentionTorch.apply(q, k, v, causal, scale)``.
 
-    Saves only ``q, k, v, out`` and ``L``; the backward recomputes probabilities tile by tile.
-    Returns ``out`` and ``L`` (``L`` carries no gradient).
+    ``q`` of shape ``(B, H, Tq, D)`` or ``(B, Tq, D)``, ``k, v`` likewise with ``Tk`` rows. Saves only
+    ``q, k, v, out`` and ``L``; the backward recomputes probabilities tile by tile. Returns ``out``
+    and ``L`` (natural log, fp32, shape ``q.shape[:-1]``; no gradient).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, causal: bool = False, scale: float | None = None,
                 block_m: int = 64, block_n: int = 64):
+        check_inputs(q, k, v, causal)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        if causal and q.shape[-2] > k.shape[-2]:
-            raise ValueError(f"causal attention needs at least as many keys as queries; got "
-                             f"{q.shape[-2]} queries and {k.shape[-2]} keys")
         out, lse = flash_forward_torch(q, k, v, causal, scale, block_m, block_n)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.scale, ctx.blocks = causal, scale, (block_m, block_n)

@@ -80,14 +80,6 @@ def test_causal_convention_matches_lmcore_nn():
         flash_attention(*(torch.randn(1, 1, n, 16) for n in (8, 4, 4)), causal=True)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_tensor_descriptor_path(monkeypatch, causal):
-    """The tiles loaded through tensor descriptors (TMA on Hopper) give the same results."""
-    monkeypatch.setenv("LMCORE_FLASH_TMA", "1")
-    device = "cuda" if CUDA else "cpu"
-    _check(flash_attention, 2, 2, 48, 80, 32, causal, torch.float16, device, tol=3e-2)
-
-
 def test_odd_head_dim_custom_scale_and_noncontiguous_inputs():
     device = "cuda" if CUDA else "cpu"
     _check(flash_attention, 2, 2, 37, 53, 24, True, torch.float32, device, tol=1e-4, scale=0.3,
@@ -119,7 +111,7 @@ def test_forward_without_grad_writes_every_element():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (lambda q, k, v: (q[0], k, v), "4 dimensions"),
+    (lambda q, k, v: (q[0, 0], k, v), "expected \\(batch, heads, seq, head_dim\\)"),
     (lambda q, k, v: (q, k.double(), v), "share one dtype"),
     (lambda q, k, v: (q.int(), k.int(), v.int()), "supported dtypes"),
     (lambda q, k, v: (q, k[:, :1], v), "batch and heads"),
@@ -167,12 +159,13 @@ def test_gpu_separate_lengths_odd_head_dim_noncontiguous(causal):
 
 @pytest.mark.skipif(CUDA, reason="the CPU branch of the benchmark (correctness only)")
 def test_bench_quick_on_cpu_checks_correctness_only(tmp_path):
-    from lmcore.bench.attention import _gpu_slug, main
+    from lmcore.bench import gpu_slug
+    from lmcore.bench.attention import main
 
     result = main(["--quick", "--out-dir", str(tmp_path)])
     assert result["metrics"]["passed"] and result["metrics"]["max_rel_err"] < 1e-4
     assert not list(tmp_path.iterdir())  # nothing timed, nothing written
-    assert _gpu_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert gpu_slug("NVIDIA H100 80GB HBM3") == "h100" and gpu_slug("NVIDIA H200") == "h200"
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         main(["--out-dir", str(tmp_path)])
 
@@ -201,49 +194,86 @@ def test_transformer_with_flash_backends_matches_sdpa_including_kv_cache():
         assert _rel(cached.cpu(), want.cpu()) < 1e-4, f"{backend} with a KV cache"
 
 
-@pytest.mark.parametrize("t_q,t_k,causal", [(80, 80, True), (80, 80, False), (48, 80, True), (37, 53, True)])
-def test_forward_with_scores_computed_one_tile_ahead(t_q, t_k, causal):
-    """The software-pipelined forward (next tile's Q K^T issued before this tile's softmax) is exact."""
-    from lmcore.kernels.flash_triton import forced_configs
+@pytest.mark.parametrize("entries", [dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1)),
+                                     dict(fwd=(32, 32, 4, 1), dkdv=(16, 64, 4, 1), dq=(64, 16, 4, 1))])
+def test_forced_tile_sizes_are_exact(entries):
+    """Every kernel is exact at other tile sizes too (tails, diagonal and skipped tiles move)."""
+    from lmcore.kernels.flash_triton import flash_tuning
 
     device = "cuda" if CUDA else "cpu"
-    entry = (32, 16, 4, 1, "ahead") if not CUDA else (64, 64, 4, 3, "ahead")
-    with forced_configs(fwd=entry):
-        _check(flash_attention, 2, 2, t_q, t_k, 32, causal, torch.float32, device, tol=1e-4)
+    with flash_tuning(**entries):
+        for t_q, t_k, causal in ((80, 80, True), (37, 53, True), (37, 53, False)):
+            _check(flash_attention, 2, 2, t_q, t_k, 32, causal, torch.float32, device, tol=1e-4)
 
 
 @pytest.mark.parametrize("t_q,t_k,causal", [(80, 80, True), (80, 80, False), (48, 80, True), (37, 53, True),
                                              (37, 53, False)])
-def test_warp_specialized_kernels_are_exact(t_q, t_k, causal):
-    """The single-loop, warp-specialized forward and dK/dV kernels (every tile masked, tails read as
-    zeros through tensor descriptors) compute the same as the reference."""
-    from lmcore.kernels.flash_triton import forced_configs
+def test_hopper_warp_specialized_forward_is_exact(t_q, t_k, causal):
+    """The single-loop forward of flash_hopper (every tile masked, tails read as zeros through
+    tensor descriptors) computes the same out and L as the reference."""
+    from lmcore.kernels import flash_hopper
 
-    if CUDA:
-        if torch.cuda.get_device_capability()[0] < 9:
-            pytest.skip("warp specialization needs a Hopper or newer GPU")
-        device, dtype, tol = "cuda", torch.bfloat16, 2e-2
-        entries = dict(fwd=(128, 128, 4, 2, "ws"), dkdv=(64, 128, 4, 2, "ws"))
-    else:
-        device, dtype, tol = "cpu", torch.float32, 1e-4
-        entries = dict(fwd=(32, 16, 4, 1, "ws"), dkdv=(16, 32, 4, 1, "ws"))
-    with forced_configs(**entries):
-        _check(flash_attention, 2, 2, t_q, t_k, 32, causal, dtype, device, tol=tol)
-
-
-def test_forced_configs_rejects_unknown_options():
-    from lmcore.kernels.flash_triton import _as_config
-
-    with pytest.raises(ValueError, match="unknown options"):
-        _as_config("fwd", (64, 64, 4, 3, "fast"))
-    with pytest.raises(ValueError, match="unknown options"):
-        _as_config("dq", (64, 64, 4, 3, "ahead"))
-    with pytest.raises(ValueError, match="unknown options"):
-        _as_config("dq", (64, 64, 4, 3, "ws"))
+    if CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("warp specialization needs a Hopper or newer GPU")
+    device, dtype = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float16)
+    gen = torch.Generator().manual_seed(t_q + t_k)
+    q = torch.randn(2, 2, t_q, 32, generator=gen).to(device, dtype)
+    k, v = (torch.randn(2, 2, t_k, 32, generator=gen).to(device, dtype) for _ in range(2))
+    assert flash_hopper.usable(q, k, v)
+    out, lse = flash_hopper.forward(q, k, v, causal, 32 ** -0.5)
+    want, want_lse = attention_reference(q.double(), k.double(), v.double(), causal, return_lse=True)
+    assert _rel(out.cpu(), want.cpu()) < 2e-2
+    assert _rel(lse.cpu(), want_lse.cpu()) < 1e-3
 
 
-def test_forced_configs_rejects_unknown_kernels():
-    from lmcore.kernels.flash_triton import forced_configs
+def test_hopper_forward_refuses_what_it_cannot_read():
+    from lmcore.kernels import flash_hopper
 
-    with pytest.raises(ValueError, match="unknown kernel kinds"):
-        forced_configs(attention=(64, 64, 4, 3))
+    q = torch.randn(1, 2, 16, 32).transpose(1, 2)  # heads interleaved: rows of a head not contiguous
+    assert not flash_hopper.usable(q, q, q)
+    with pytest.raises(ValueError, match="warp-specialized forward needs"):
+        flash_hopper.forward(q, q, q, True, 1.0)
+
+
+def test_flash_tuning_validates_and_restores():
+    from lmcore.kernels.flash_triton import _TUNING, flash_tuning
+
+    with pytest.raises(ValueError, match="unknown kernels"):
+        flash_tuning(attention=(64, 64, 4, 3))
+    with pytest.raises(ValueError, match="candidates='fast'"):
+        flash_tuning(candidates="fast")
+    with pytest.raises(ValueError, match="expected \\(BLOCK_M, BLOCK_N, num_warps, num_stages\\)"):
+        flash_tuning(fwd=(64, 64, 4))
+    with flash_tuning(candidates="first", dq=(64, 64, 4, 2)):
+        assert _TUNING == {"candidates": "first", "forced": {"dq": (64, 64, 4, 2)}}
+    assert _TUNING == {"candidates": "default", "forced": {}}
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_three_dimensional_inputs_and_lse_contract(impl):
+    """Both implementations take (batch, seq, head_dim) as well as (batch, heads, seq, head_dim), and
+    return (and use) the natural-log L of shape q.shape[:-1]."""
+    device = "cuda" if CUDA else "cpu"
+    fn = IMPLS[impl]
+    q, k, v = (torch.randn(2, 40, 32, device=device, requires_grad=True) for _ in range(3))
+    out, lse = fn(q, k, v, causal=True, return_lse=True)
+    assert out.shape == q.shape and lse.shape == q.shape[:-1] and lse.dtype == torch.float32
+    want, want_lse = attention_reference(q.detach(), k.detach(), v.detach(), True, return_lse=True)
+    assert _rel(out.detach().cpu(), want.cpu()) < 1e-4 and _rel(lse.cpu(), want_lse.cpu()) < 1e-5
+    out.sum().backward()
+    four = [x.detach().unsqueeze(1).requires_grad_() for x in (q, k, v)]
+    fn(*four, causal=True).sum().backward()
+    for x, y in zip((q, k, v), four):
+        torch.testing.assert_close(x.grad, y.grad.squeeze(1))
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("bad,match", [
+    (lambda q, k, v: (q, k, v[:, :, :7]), "same sequence length"),
+    (lambda q, k, v: (q.long(), k.long(), v.long()), "dtype"),
+    (lambda q, k, v: (q, k[..., :8], v), "head_dim"),
+])
+def test_both_implementations_refuse_what_they_cannot_compute(impl, bad, match):
+    q, k, v = (torch.randn(2, 2, 8, 16) for _ in range(3))
+    with pytest.raises((ValueError, TypeError), match=match):
+        IMPLS[impl](*bad(q, k, v))

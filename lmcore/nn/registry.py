@@ -10,8 +10,10 @@ plug their kernels in without touching the model::
 
 What a backend can do is registered with it and read back with :func:`attention_capabilities`:
 ``kv_offsets`` (it takes fewer queries than keys, the queries being the last positions, as when
-decoding with a KV cache) and ``stores_scores`` (autograd keeps the ``T x T`` score matrix, which
-the memory estimate of :mod:`lmcore.accounting` counts).
+decoding with a KV cache), ``grouped_kv`` (it takes ``k, v`` with fewer heads than ``q``, each
+key/value head serving a group of query heads, so the model need not copy them) and
+``stores_scores`` (autograd keeps the ``T x T`` score matrix, which the memory estimate of
+:mod:`lmcore.accounting` counts).
 
 Backends defined in optional subpackages register themselves on import; ``get_attention_backend``
 imports the module listed in ``_LAZY`` the first time such a name is asked for.
@@ -31,6 +33,7 @@ class AttentionCapabilities:
     """What a registered backend can do (see the module docstring)."""
 
     kv_offsets: bool = False
+    grouped_kv: bool = False
     stores_scores: bool = False
 
 
@@ -49,13 +52,14 @@ _LAZY: dict[str, str] = {
 }
 
 
-def register_attention_backend(name: str, *, kv_offsets: bool = False,
+def register_attention_backend(name: str, *, kv_offsets: bool = False, grouped_kv: bool = False,
                                stores_scores: bool = False) -> Callable[[AttentionFn], AttentionFn]:
     """Decorator: register ``fn`` as the attention backend called ``name``, with its capabilities."""
 
     def decorate(fn: AttentionFn) -> AttentionFn:
         _BACKENDS[name] = fn
-        _CAPABILITIES[name] = AttentionCapabilities(kv_offsets=kv_offsets, stores_scores=stores_scores)
+        _CAPABILITIES[name] = AttentionCapabilities(kv_offsets=kv_offsets, grouped_kv=grouped_kv,
+                                                    stores_scores=stores_scores)
         return fn
 
     return decorate

@@ -27,7 +27,7 @@ def flash_attention_torch(q, k, v, causal: bool = False, scale: float | None = N
     return (out, lse) if return_lse else out
 
 
-@register_attention_backend("flash_triton", kv_offsets=True)
+@register_attention_backend("flash_triton", kv_offsets=True, grouped_kv=True)
 def _flash_triton_backend(q, k, v, causal: bool = True, scale: float | None = None, **options):
     """Attention backend ``flash_triton``: the Triton kernels."""
     if options:
@@ -35,7 +35,7 @@ def _flash_triton_backend(q, k, v, causal: bool = True, scale: float | None = No
     return flash_attention(q, k, v, causal=causal, scale=scale)
 
 
-@register_attention_backend("flash_torch", kv_offsets=True)
+@register_attention_backend("flash_torch", kv_offsets=True, grouped_kv=True)
 def _flash_torch_backend(q, k, v, causal: bool = True, scale: float | None = None, block_m: int = 64,
                          block_n: int = 64, **options):
     """Attention backend ``flash_torch``: the tiled PyTorch version."""

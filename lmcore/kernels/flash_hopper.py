@@ -30,7 +30,8 @@ CONFIG = (128, 128, 4, 2)
 
 
 @triton.jit
-def _fwd_ws_kernel(Q, K, V, O, L, sqt, skt, svt, sob, soh, sot, n_heads, n_rows_q, n_rows_k, t_q, t_k, head_dim,
+def _fwd_ws_kernel(Q, K, V, O, L, sqt, skt, svt, sob, soh, sot, n_heads, group, n_rows_q, n_rows_k, t_q, t_k,
+                   head_dim,
                    qk_scale, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, NEED_MASK: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     if CAUSAL:  # longest rows first, so the last wave is short
@@ -46,7 +47,7 @@ def _fwd_ws_kernel(Q, K, V, O, L, sqt, skt, svt, sob, soh, sot, n_heads, n_rows_
                                        block_shape=[BLOCK_N, HEAD_DIM])
     v_desc = tl.make_tensor_descriptor(V, shape=[n_rows_k, head_dim], strides=[svt, 1],
                                        block_shape=[BLOCK_N, HEAD_DIM])
-    row0 = (bh * t_k).to(tl.int32)  # this head's first key row
+    row0 = ((b * (n_heads // group) + h // group) * t_k).to(tl.int32)  # first key row of this head's K, V head
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     offs_n = tl.arange(0, BLOCK_N)  # (BN,)
     q = q_desc.load([(bh * t_q).to(tl.int32) + start_m * BLOCK_M, 0])  # (BM, D); rows past t_q never stored
@@ -127,8 +128,8 @@ def forward(q, k, v, causal: bool, scale: float):
     bm, bn, warps, stages = (32, 16, 4, 1) if interpreting() else CONFIG
     ragged = t_k % bn != 0 or t_q % bm != 0
     _fwd_ws_kernel[(triton.cdiv(t_q, bm), bsz * heads)](
-        q, k, v, out, lse, q.stride(2), k.stride(2), v.stride(2), *out.stride()[:3], heads,
-        bsz * heads * t_q, bsz * heads * t_k, t_q, t_k, d, scale * LOG2E, HEAD_DIM=d, CAUSAL=bool(causal),
+        q, k, v, out, lse, q.stride(2), k.stride(2), v.stride(2), *out.stride()[:3], heads, heads // k.shape[1],
+        bsz * heads * t_q, bsz * k.shape[1] * t_k, t_q, t_k, d, scale * LOG2E, HEAD_DIM=d, CAUSAL=bool(causal),
         NEED_MASK=bool(causal) or ragged, PRECISION=precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn,
         num_warps=warps, num_stages=stages)
     return out, lse

@@ -37,7 +37,8 @@ def check_inputs(q, k, v, causal: bool, dtypes=FLOAT_DTYPES) -> None:
     """The contract both FlashAttention implementations share, checked before any work.
 
     ``q`` of shape ``(B, H, Tq, D)`` or ``(B, Tq, D)``; ``k, v`` the same leading dimensions and
-    ``Tk`` rows; one floating dtype and one device; causal needs ``Tq <= Tk``.
+    ``Tk`` rows, or ``H / G`` heads where each key/value head serves a group of ``G`` query heads
+    (grouped-query attention); one floating dtype and one device; causal needs ``Tq <= Tk``.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
@@ -52,9 +53,10 @@ def check_inputs(q, k, v, causal: bool, dtypes=FLOAT_DTYPES) -> None:
         raise TypeError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
-    if k.shape[:-2] != q.shape[:-2] or v.shape[:-2] != q.shape[:-2]:
-        raise ValueError(f"batch and heads must match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
+    grouped = q.dim() == 4 and k.shape[0] == q.shape[0] and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0
+    if k.shape[:-2] != v.shape[:-2] or not (k.shape[:-2] == q.shape[:-2] or grouped):
+        raise ValueError(f"batch and heads must match (or q's heads be a multiple of k's and v's, grouped-query "
+                         f"attention): q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"k and v must have the same sequence length; got {k.shape[-2]} and {v.shape[-2]}")
     if k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
@@ -136,6 +138,19 @@ def flash_backward_torch(q, k, v, out, lse, dout, causal: bool, scale: float,
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _repeat_kv(x, q):
+    """``(B, Hkv, T, D)`` -> ``(B, H, T, D)`` with each head repeated for its group of query heads."""
+    return x if x.dim() == 3 or x.shape[1] == q.shape[1] else x.repeat_interleave(q.shape[1] // x.shape[1], dim=1)
+
+
+def _sum_groups(grad, kv_heads):
+    """The gradient of ``_repeat_kv``: the sum over each group's copies."""
+    if grad.dim() == 3 or grad.shape[1] == kv_heads:
+        return grad
+    b, h, t, d = grad.shape
+    return grad.view(b, kv_heads, h // kv_heads, t, d).sum(2)
+
+
 class FlashAttentionTorch(torch.autograd.Function):
     """FlashAttention-2 in plain PyTorch: ``FlashAttentionTorch.apply(q, k, v, causal, scale)``.
 
@@ -149,6 +164,8 @@ class FlashAttentionTorch(torch.autograd.Function):
                 block_m: int = 64, block_n: int = 64):
         check_inputs(q, k, v, causal)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        ctx.kv_heads = k.shape[1] if k.dim() == 4 else None
+        k, v = _repeat_kv(k, q), _repeat_kv(v, q)  # grouped-query heads: each K, V head serves its group
         out, lse = flash_forward_torch(q, k, v, causal, scale, block_m, block_n)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.scale, ctx.blocks = causal, scale, (block_m, block_n)
@@ -159,4 +176,5 @@ class FlashAttentionTorch(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = flash_backward_torch(q, k, v, out, lse, dout, ctx.causal, ctx.scale, *ctx.blocks)
+        dk, dv = _sum_groups(dk, ctx.kv_heads), _sum_groups(dv, ctx.kv_heads)
         return dq, dk, dv, None, None, None, None

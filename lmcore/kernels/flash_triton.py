@@ -196,7 +196,7 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo,
 @triton.jit
 def _fwd_kernel(Q, K, V, O, L,
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-                n_heads, t_q, t_k, head_dim, qk_scale, SEQ_BUCKET,
+                n_heads, group, t_q, t_k, head_dim, qk_scale, SEQ_BUCKET,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     if CAUSAL:  # longest rows (most key tiles) first, so the last wave is short
@@ -206,8 +206,8 @@ def _fwd_kernel(Q, K, V, O, L,
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // n_heads, bh % n_heads
     Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    V += b * svb + h * svh
+    K += b * skb + (h // group) * skh  # grouped-query attention: `group` query heads share one K, V head
+    V += b * svb + (h // group) * svh
     O += b * sob + h * soh
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     offs_d = tl.arange(0, HEAD_DIM)  # (D,)
@@ -275,21 +275,18 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d, lo, hi,
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, Delta,
                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
                      sgkb, sgkh, sgkt, sgvb, sgvh, sgvt,
-                     n_heads, t_q, t_k, head_dim, qk_scale, scale, SEQ_BUCKET,
+                     n_heads, group, t_q, t_k, head_dim, qk_scale, scale, SEQ_BUCKET,
                      HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr):
     start_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // n_heads, bh % n_heads
-    Q += b * sqb + h * sqh
-    DO += b * sdb + h * sdh
-    L += bh * t_q
-    Delta += bh * t_q
+    bh = tl.program_id(1).to(tl.int64)  # batch * key/value head
+    n_kv = n_heads // group
+    b, hk = bh // n_kv, bh % n_kv
     offs_n = start_n * BLOCK_N1 + tl.arange(0, BLOCK_N1)  # (BN,)
     offs_d = tl.arange(0, HEAD_DIM)
-    k = _load_tile(K + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :], offs_n, t_k, offs_d,
+    k = _load_tile(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], offs_n, t_k, offs_d,
                    head_dim, True, EVEN_D)  # (BN, D)
-    v = _load_tile(V + b * svb + h * svh + offs_n[:, None] * svt + offs_d[None, :], offs_n, t_k, offs_d,
+    v = _load_tile(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], offs_n, t_k, offs_d,
                    head_dim, True, EVEN_D)  # (BN, D)
     dk = tl.zeros([BLOCK_N1, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N1, HEAD_DIM], tl.float32)
@@ -300,19 +297,27 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, Delta,
         lo = tl.maximum(start_n * BLOCK_N1 - (t_k - t_q), 0)
         lo = (lo // BLOCK_M1) * BLOCK_M1
         mid = tl.maximum(start_n * BLOCK_N1 + BLOCK_N1 - (t_k - t_q), 0)
-        mid = ((mid + BLOCK_M1 - 1) // BLOCK_M1) * BLOCK_M1
-        dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d, lo, tl.minimum(mid, t_q),
-                             t_q, t_k, head_dim, qk_scale, BLOCK_M1, True, CAUSAL, EVEN_D, PRECISION)
+        mid = tl.minimum(((mid + BLOCK_M1 - 1) // BLOCK_M1) * BLOCK_M1, t_q)
     else:
+        lo = 0
         mid = 0
-    # the query tiles that see every key of this tile: no mask; then the ragged tail of the queries
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d, mid, full_q, t_q, t_k,
-                         head_dim, qk_scale, BLOCK_M1, False, CAUSAL, EVEN_D, PRECISION)
-    dk, dv = _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d, tl.maximum(full_q, mid), t_q,
-                         t_q, t_k, head_dim, qk_scale, BLOCK_M1, True, CAUSAL, EVEN_D, PRECISION)
-    _store_tile(DK + b * sgkb + h * sgkh + offs_n[:, None] * sgkt + offs_d[None, :],
+    # dK, dV sum over every query head of the group (one head without grouped-query attention)
+    for g in range(group):
+        h = hk * group + g
+        q_h, do_h = Q + b * sqb + h * sqh, DO + b * sdb + h * sdh
+        l_h, delta_h = L + (b * n_heads + h) * t_q, Delta + (b * n_heads + h) * t_q
+        if CAUSAL:  # the diagonal: masked
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_h, do_h, l_h, delta_h, sqt, sdt, offs_n, offs_d, lo, mid, t_q,
+                                 t_k, head_dim, qk_scale, BLOCK_M1, True, CAUSAL, EVEN_D, PRECISION)
+        # the query tiles that see every key of this tile: no mask; then the ragged tail of the queries
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_h, do_h, l_h, delta_h, sqt, sdt, offs_n, offs_d, mid, full_q, t_q,
+                             t_k, head_dim, qk_scale, BLOCK_M1, False, CAUSAL, EVEN_D, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_h, do_h, l_h, delta_h, sqt, sdt, offs_n, offs_d,
+                             tl.maximum(full_q, mid), t_q, t_q, t_k, head_dim, qk_scale, BLOCK_M1, True, CAUSAL,
+                             EVEN_D, PRECISION)
+    _store_tile(DK + b * sgkb + hk * sgkh + offs_n[:, None] * sgkt + offs_d[None, :],
                 (dk * scale).to(DK.dtype.element_ty), offs_n, t_k, offs_d, head_dim, EVEN_D)
-    _store_tile(DV + b * sgvb + h * sgvh + offs_n[:, None] * sgvt + offs_d[None, :],
+    _store_tile(DV + b * sgvb + hk * sgvh + offs_n[:, None] * sgvt + offs_d[None, :],
                 dv.to(DV.dtype.element_ty), offs_n, t_k, offs_d, head_dim, EVEN_D)
 
 
@@ -345,7 +350,7 @@ def _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, lo, hi, t_q
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, L, Delta,
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgqb, sgqh, sgqt,
-                   n_heads, t_q, t_k, head_dim, qk_scale, scale, SEQ_BUCKET,
+                   n_heads, group, t_q, t_k, head_dim, qk_scale, scale, SEQ_BUCKET,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
                    PRECISION: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
     if CAUSAL:
@@ -354,8 +359,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, Delta,
         start_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // n_heads, bh % n_heads
-    K += b * skb + h * skh
-    V += b * svb + h * svh
+    K += b * skb + (h // group) * skh
+    V += b * svb + (h // group) * svh
     offs_m = start_m * BLOCK_M2 + tl.arange(0, BLOCK_M2)
     offs_d = tl.arange(0, HEAD_DIM)
     lse = tl.load(L + bh * t_q + offs_m, mask=offs_m < t_q, other=0.0) * 1.4426950408889634  # log2 units
@@ -446,7 +451,8 @@ def forward_portable(q, k, v, causal: bool, scale: float):
     lse = torch.empty((bsz, heads, t_q), device=q.device, dtype=torch.float32)  # (B, H, Tq)
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), bsz * heads)  # noqa: E731
     _launch("fwd", grid, q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *out.stride()[:3], heads, t_q, t_k, d, scale * LOG2E, CAUSAL=bool(causal), **_meta(q, t_k))
+            *out.stride()[:3], heads, heads // k.shape[1], t_q, t_k, d, scale * LOG2E, CAUSAL=bool(causal),
+            **_meta(q, t_k))
     return out, lse
 
 
@@ -460,7 +466,7 @@ def flash_forward_triton(q, k, v, causal: bool, scale: float):
 def flash_backward_triton(q, k, v, out, lse, dout, causal: bool, scale: float):
     """Launch the backward kernels; returns ``dq, dk, dv``."""
     bsz, heads, t_q, d = q.shape
-    t_k = k.shape[2]
+    kv_heads, t_k = k.shape[1], k.shape[2]
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     meta = _meta(q, t_k)
     delta = rowsum_delta(out, dout)  # (B, H, Tq)
@@ -468,12 +474,12 @@ def flash_backward_triton(q, k, v, out, lse, dout, causal: bool, scale: float):
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    grid_kv = lambda m: (triton.cdiv(t_k, m["BLOCK_N1"]), bsz * heads)  # noqa: E731
+    grid_kv = lambda m: (triton.cdiv(t_k, m["BLOCK_N1"]), bsz * kv_heads)  # noqa: E731
     _launch("dkdv", grid_kv, q, k, v, dout, dk, dv, lse, delta, *strides, *dk.stride()[:3], *dv.stride()[:3],
-            heads, t_q, t_k, d, scale * LOG2E, scale, CAUSAL=bool(causal), **meta)
+            heads, heads // kv_heads, t_q, t_k, d, scale * LOG2E, scale, CAUSAL=bool(causal), **meta)
     grid_q = lambda m: (triton.cdiv(t_q, m["BLOCK_M2"]), bsz * heads)  # noqa: E731
     _launch("dq", grid_q, q, k, v, dout, dq, lse, delta, *strides, *dq.stride()[:3],
-            heads, t_q, t_k, d, scale * LOG2E, scale, CAUSAL=bool(causal), **meta)
+            heads, heads // kv_heads, t_q, t_k, d, scale * LOG2E, scale, CAUSAL=bool(causal), **meta)
     return dq, dk, dv
 
 
@@ -531,7 +537,8 @@ def flash_attention(q, k, v, causal: bool = False, scale: float | None = None, r
     """FlashAttention-2 (Triton): ``softmax(q k^T * scale [+ causal mask]) v`` without the T x T matrix.
 
     ``q``: ``(batch, heads, Tq, head_dim)`` or ``(batch, Tq, head_dim)``; ``k, v`` the same with
-    ``Tk`` rows; float16, bfloat16 or float32; ``16 <= head_dim <= 128``. ``scale`` defaults to
+    ``Tk`` rows, or with ``heads / G`` heads (grouped-query attention: each key/value head serves
+    ``G`` consecutive query heads, read in place, its gradient summed over them); float16, bfloat16 or float32; ``16 <= head_dim <= 128``. ``scale`` defaults to
     ``1/sqrt(head_dim)``. ``causal`` masks keys after the query position; with ``Tk > Tq`` the
     queries are the last ``Tq`` positions (query ``i`` sees keys ``j <= i + Tk - Tq``, the
     convention of a KV cache and of ``lmcore.nn``). Differentiable in ``q, k, v``. With

@@ -277,3 +277,48 @@ def test_both_implementations_refuse_what_they_cannot_compute(impl, bad, match):
     q, k, v = (torch.randn(2, 2, 8, 16) for _ in range(3))
     with pytest.raises((ValueError, TypeError), match=match):
         IMPLS[impl](*bad(q, k, v))
+
+
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_query_heads_read_in_place(impl, group, causal):
+    """K and V with fewer heads than Q (each serving `group` query heads) give what the reference
+    gives with K and V repeated; their gradients are the sums over each group."""
+    device = "cuda" if CUDA else "cpu"
+    gen = torch.Generator().manual_seed(group + 10 * causal)
+    q, do = (torch.randn(2, 8, 37, 32, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(2, 8 // group, 53, 32, generator=gen, dtype=torch.float64) for _ in range(2))
+    ref = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = attention_reference(ref[0], *(x.repeat_interleave(group, dim=1) for x in ref[1:]), causal)
+    want.backward(do)
+    xs = [x.to(device, torch.float32).requires_grad_() for x in (q, k, v)]
+    out = IMPLS[impl](*xs, causal=causal)
+    out.backward(do.to(device, torch.float32))
+    for got, exp in zip([out, *(x.grad for x in xs)], [want, *(x.grad for x in ref)]):
+        assert got.shape == exp.shape and _rel(got.cpu(), exp) < 1e-4
+
+
+def test_grouped_heads_must_divide():
+    q, k = torch.randn(1, 6, 8, 16), torch.randn(1, 4, 8, 16)
+    with pytest.raises(ValueError, match="multiple of k's"):
+        flash_attention(q, k, k)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("d,causal,t", [(64, True, 2048), (128, True, 8192), (128, False, 4096)])
+def test_grouped_query_heads_gpu_sizes(d, causal, t):
+    """Grouped heads at real sizes, where the Hopper forward may be picked for the shape class."""
+    gen = torch.Generator(device="cuda").manual_seed(d + t)
+    q, do = (torch.randn(1, 16, t, d, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(1, 4, t, d, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = flash_attention(*xs, causal=causal)
+    out.backward(do)
+    ref = [x.float().requires_grad_() for x in (q, k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        ref[0], *(x.repeat_interleave(4, dim=1) for x in ref[1:]), is_causal=causal)
+    want.backward(do.float())
+    for got, exp in zip([out, *(x.grad for x in xs)], [want, *(x.grad for x in ref)]):
+        assert _rel(got.float(), exp) < 2e-2

@@ -156,6 +156,13 @@ def _load_tile(ptrs, rows, n_rows, offs_d, head_dim, MASK_ROWS: tl.constexpr, EV
 
 
 @triton.jit
+def _load_rows(base, rows, stride, n_rows, offs_d, head_dim, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Rows ``rows`` of a (seq, head_dim) matrix at ``base`` with row stride ``stride``: a (rows, HEAD_DIM) tile."""
+    return _load_tile(base + rows[:, None] * stride + offs_d[None, :], rows, n_rows, offs_d, head_dim,
+                      MASK_ROWS, EVEN_D)
+
+
+@triton.jit
 def _store_tile(ptrs, x, rows, n_rows, offs_d, head_dim, EVEN_D: tl.constexpr):
     mask = rows[:, None] < n_rows
     if not EVEN_D:
@@ -172,8 +179,7 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo,
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n  # (BN,)
-        k = _load_tile(K + cols[:, None] * stride_kt + offs_d[None, :], cols, t_k, offs_d, head_dim,
-                       MASKED, EVEN_D)  # (BN, D)
+        k = _load_rows(K, cols, stride_kt, t_k, offs_d, head_dim, MASKED, EVEN_D)  # (BN, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN): Q K^T, unscaled
         if MASKED:  # diagonal or tail tile: hide keys past the end and above the diagonal
             keep = cols[None, :] < t_k
@@ -185,8 +191,7 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_m, offs_d, lo,
         p = tl.math.exp2(s * qk_scale - m_new[:, None])  # P = exp2(S - m'): one fused multiply-add
         alpha = tl.math.exp2(m_i - m_new)  # alpha = exp2(m - m')
         l_i = l_i * alpha + tl.sum(p, 1)  # l' = alpha l + rowsum P
-        v = _load_tile(V + cols[:, None] * stride_vt + offs_d[None, :], cols, t_k, offs_d, head_dim,
-                       MASKED, EVEN_D)  # (BN, D)
+        v = _load_rows(V, cols, stride_vt, t_k, offs_d, head_dim, MASKED, EVEN_D)  # (BN, D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # O' = alpha O + P V
         m_i = m_new
     return acc, m_i, l_i
@@ -214,8 +219,7 @@ def _fwd_kernel(Q, K, V, O, L,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # running unnormalised output
-    q = _load_tile(Q + offs_m[:, None] * sqt + offs_d[None, :], offs_m, t_q, offs_d, head_dim,
-                   True, EVEN_D)  # (BM, D)
+    q = _load_rows(Q, offs_m, sqt, t_q, offs_d, head_dim, True, EVEN_D)  # (BM, D)
     full_k = (t_k // BLOCK_N) * BLOCK_N  # keys before the ragged tail
     if CAUSAL:  # the diagonal of this query tile starts at key start_m * BLOCK_M + (t_k - t_q)
         first = start_m * BLOCK_M + (t_k - t_q)
@@ -242,13 +246,10 @@ def _dkdv_inner(dk, dv, k, v, Q, DO, L, Delta, sqt, sdt, offs_n, offs_d, lo, hi,
                 qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), working with P^T."""
-    offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in tl.range(lo, hi, BLOCK_M):
-        rows = start_m + offs_m0  # (BM,)
-        q = _load_tile(Q + rows[:, None] * sqt + offs_d[None, :], rows, t_q, offs_d, head_dim,
-                       MASKED, EVEN_D)  # (BM, D)
-        do = _load_tile(DO + rows[:, None] * sdt + offs_d[None, :], rows, t_q, offs_d, head_dim,
-                        MASKED, EVEN_D)  # (BM, D)
+        rows = start_m + tl.arange(0, BLOCK_M)  # (BM,)
+        q = _load_rows(Q, rows, sqt, t_q, offs_d, head_dim, MASKED, EVEN_D)  # (BM, D)
+        do = _load_rows(DO, rows, sdt, t_q, offs_d, head_dim, MASKED, EVEN_D)  # (BM, D)
         if MASKED:
             lse = tl.load(L + rows, mask=rows < t_q, other=0.0) * 1.4426950408889634  # log2 units
             delta = tl.load(Delta + rows, mask=rows < t_q, other=0.0)
@@ -284,10 +285,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, L, Delta,
     b, hk = bh // n_kv, bh % n_kv
     offs_n = start_n * BLOCK_N1 + tl.arange(0, BLOCK_N1)  # (BN,)
     offs_d = tl.arange(0, HEAD_DIM)
-    k = _load_tile(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], offs_n, t_k, offs_d,
-                   head_dim, True, EVEN_D)  # (BN, D)
-    v = _load_tile(V + b * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], offs_n, t_k, offs_d,
-                   head_dim, True, EVEN_D)  # (BN, D)
+    k = _load_rows(K + b * skb + hk * skh, offs_n, skt, t_k, offs_d, head_dim, True, EVEN_D)  # (BN, D)
+    v = _load_rows(V + b * svb + hk * svh, offs_n, svt, t_k, offs_d, head_dim, True, EVEN_D)  # (BN, D)
     dk = tl.zeros([BLOCK_N1, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N1, HEAD_DIM], tl.float32)
     full_q = (t_q // BLOCK_M1) * BLOCK_M1
@@ -329,10 +328,8 @@ def _dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, lo, hi, t_q
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(K + cols[:, None] * skt + offs_d[None, :], cols, t_k, offs_d, head_dim,
-                       MASKED, EVEN_D)  # (BN, D)
-        v = _load_tile(V + cols[:, None] * svt + offs_d[None, :], cols, t_k, offs_d, head_dim,
-                       MASKED, EVEN_D)  # (BN, D)
+        k = _load_rows(K, cols, skt, t_k, offs_d, head_dim, MASKED, EVEN_D)  # (BN, D)
+        v = _load_rows(V, cols, svt, t_k, offs_d, head_dim, MASKED, EVEN_D)  # (BN, D)
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
                          - lse[:, None])  # (BM, BN)
         if MASKED:
@@ -365,10 +362,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, L, Delta,
     offs_d = tl.arange(0, HEAD_DIM)
     lse = tl.load(L + bh * t_q + offs_m, mask=offs_m < t_q, other=0.0) * 1.4426950408889634  # log2 units
     delta = tl.load(Delta + bh * t_q + offs_m, mask=offs_m < t_q, other=0.0)
-    q = _load_tile(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], offs_m, t_q,
-                   offs_d, head_dim, True, EVEN_D)  # (BM, D)
-    do = _load_tile(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], offs_m, t_q,
-                    offs_d, head_dim, True, EVEN_D)  # (BM, D)
+    q = _load_rows(Q + b * sqb + h * sqh, offs_m, sqt, t_q, offs_d, head_dim, True, EVEN_D)  # (BM, D)
+    do = _load_rows(DO + b * sdb + h * sdh, offs_m, sdt, t_q, offs_d, head_dim, True, EVEN_D)  # (BM, D)
     dq = tl.zeros([BLOCK_M2, HEAD_DIM], tl.float32)
     full_k = (t_k // BLOCK_N2) * BLOCK_N2
     if CAUSAL:

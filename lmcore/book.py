@@ -142,6 +142,23 @@ class _patched_environ:
                 os.environ[k] = v
 
 
+def _quiet_kernel_manager():
+    """A kernel manager whose kernels do not write to this process's stderr: cell outputs reach the
+    notebook anyway, and a kernel stopped with its run (Ctrl-C) would print tracebacks of its own."""
+    import subprocess as sp
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    class QuietKernelManager(AsyncKernelManager):
+        async def _async_start_kernel(self, **kw):
+            kw.setdefault("stderr", sp.DEVNULL)
+            return await super()._async_start_kernel(**kw)
+
+        start_kernel = _async_start_kernel
+
+    return QuietKernelManager
+
+
 def source_cell(source: Path, executed_index: int, injected: bool) -> str:
     """``"cell N"`` as a reader counts the cells of the source notebook (from 1), for a cell index
     of the executed copy, in which papermill inserted its parameters cell when it was given any."""
@@ -186,6 +203,7 @@ def execute_notebook(
                 log_output=False,
                 request_save_on_cell_execute=False,
                 execution_timeout=timeout,
+                kernel_manager_class=_quiet_kernel_manager(),
             )
     except PapermillExecutionError as err:
         source_line = (err.source or "").strip().splitlines()

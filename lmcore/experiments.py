@@ -311,6 +311,7 @@ def grid(chapter: str | Path, grid_values: dict[str, list[Any]], out: str | Path
                     if policy == "resume" else ""))
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
+    write_table([r for r in earlier if r is not None and r.ok], out / "results.csv")  # what is on disk now
     from tqdm.auto import tqdm
 
     results: list[RunResult] = []
@@ -416,7 +417,15 @@ def _grid_values(pairs: list[tuple[str, list[Any]]]) -> dict[str, list[Any]]:
 
 def _continue_command(argv: list[str], out: Path) -> str:
     """The command that continues an interrupted grid: the same one with ``--resume`` into ``out``."""
-    kept = [a for a in argv if a not in ("--resume", "--overwrite", "--next")]
+    kept, skip = [], False
+    for a in argv:
+        if not skip and a not in ("--resume", "--overwrite", "--next") and not a.startswith("--out="):
+            if a == "--out":
+                skip = True
+                continue
+            kept.append(a)
+        else:
+            skip = False
     return shlex.join(["python", "-m", "lmcore.experiments", *kept, "--out", str(out), "--resume"])
 
 

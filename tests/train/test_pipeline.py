@@ -24,7 +24,7 @@ def test_bad_configs_are_refused():
         apply_override({}, "train.lr")
     with pytest.raises(ValueError, match="unknown config key"):
         load_config(None, ["epochs=3"])
-    with pytest.raises(ValueError, match="unknown train setting"):
+    with pytest.raises(ValueError, match="unknown config key .train.epochs."):
         model_and_train_configs(load_config(None, ["train.epochs=3"]))
     with pytest.raises(ValueError, match="not divisible by n_heads"):
         model_and_train_configs(load_config(None, ["model.d_model=30"]))

@@ -14,6 +14,13 @@ product, one folder per run, then collects every run's parameters and results in
 
 Parameters are checked against the chapter's ``parameters`` cell before anything runs: an
 unknown name or a value of the wrong type is refused with the list of valid parameters.
+
+Nothing that exists is lost. An ``--out`` folder that holds anything is refused unless the command
+says what to do (``--resume``, ``--overwrite`` or ``--next``, see ``lmcore.runfolders``), and the
+decision is printed in one line. Each run executes in a staging folder and is moved into place
+when complete; a failed run leaves earlier results untouched and sits beside them as
+``failed-<time>/``. ``results.csv`` is rewritten after every run of a grid, and Ctrl-C or SIGTERM
+stops a grid with one line naming the runs that finished and the command that continues it.
 """
 
 from __future__ import annotations

@@ -265,7 +265,8 @@ def select_chapters(root: Path, only: list[str] | None) -> list[str]:
         if stem not in stems:
             close = difflib.get_close_matches(stem, stems, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"--only {name!r} is not a chapter of this book; {hint}chapters: {', '.join(stems)}")
+            raise ValueError(f"--only {name!r} is not a chapter of this book; {hint}"
+                             f"chapters: {', '.join(stems)}")
         picked.append(stem)
     return picked
 

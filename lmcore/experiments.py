@@ -201,13 +201,16 @@ def finished_run(folder: Path) -> RunResult | None:
     try:
         meta = json.loads((folder / "run.json").read_text())
         params = json.loads((folder / "params.json").read_text())
-        results = json.loads((folder / "results.json").read_text()) if (folder / "results.json").exists() else {}
+        results_path = folder / "results.json"
+        results = json.loads(results_path.read_text()) if results_path.exists() else {}
     except (OSError, ValueError):
         return None
-    return RunResult(folder, params, results, meta.get("error"), float(meta.get("seconds", 0.0)), skipped=True)
+    return RunResult(folder, params, results, meta.get("error"), float(meta.get("seconds", 0.0)),
+                     skipped=True)
 
 
-def execute_run(notebook: Path, params: dict[str, Any], folder: Path, timeout: int | None = None) -> RunResult:
+def execute_run(notebook: Path, params: dict[str, Any], folder: Path,
+                timeout: int | None = None) -> RunResult:
     """Execute into a staging folder, then move it to ``folder`` in one rename.
 
     A failed run never replaces earlier results: when ``folder`` holds a ``results.json``, the
@@ -310,8 +313,8 @@ def grid(chapter: str | Path, grid_values: dict[str, list[Any]], out: str | Path
     earlier = [finished_run(out / f"run-{i:03d}") if policy == "resume" else None for i in range(len(combos))]
     for i, (params, before) in enumerate(zip(combos, earlier)):
         if before is not None and before.params != params:
-            raise FolderInUse(f"--resume: {before.folder} holds a run with {before.params}, but this grid puts "
-                              f"{params} there; use --overwrite or another --out")
+            raise FolderInUse(f"--resume: {before.folder} holds a run with {before.params}, but this grid "
+                              f"puts {params} there; use --overwrite or another --out")
     if policy == "overwrite" and out.exists():
         shutil.rmtree(out)
     log(decision + (f"; {sum(r is not None and r.ok for r in earlier)} of {len(combos)} runs finished earlier"
@@ -416,8 +419,9 @@ def _grid_values(pairs: list[tuple[str, list[Any]]]) -> dict[str, list[Any]]:
     values: dict[str, list[Any]] = {}
     for name, items in pairs:
         if name in values:
-            raise ParameterError(f"--grid {name} is given twice ({values[name]} and {items}); give all its values "
-                                 f"in one option, e.g. --grid {name}={','.join(map(str, values[name] + items))}")
+            together = ",".join(map(str, values[name] + items))
+            raise ParameterError(f"--grid {name} is given twice ({values[name]} and {items}); give all its "
+                                 f"values in one option, e.g. --grid {name}={together}")
         values[name] = items
     return values
 
@@ -461,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     add_folder_flags(g, "continue the grid in OUT: skip the runs that finished with the same parameters")
     args = parser.parse_args(argv)
 
-    err_log = lambda line: print(line, file=sys.stderr)  # noqa: E731  decisions go to stderr, results to stdout
+    err_log = lambda line: print(line, file=sys.stderr)  # noqa: E731  decisions to stderr, results to stdout
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if args.command != "params" else None
     try:
         notebook = find_notebook(args.chapter)
@@ -484,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     except GridInterrupted as stop:
         names = ", ".join(r.folder.name for r in stop.results) or "none"
         print(f"interrupted: {len(stop.results)} of {stop.total} runs finished ({names}), listed in "
-              f"{stop.out / 'results.csv'}; continue with: {_continue_command(argv, stop.out)}", file=sys.stderr)
+              f"{stop.out / 'results.csv'}; continue with: {_continue_command(argv, stop.out)}",
+              file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("interrupted: the run did not finish and nothing was written", file=sys.stderr)

@@ -62,7 +62,8 @@ def generate(model: TransformerLM, prompts: Sequence[Sequence[int]], max_new_tok
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     config = model.config
     for row, prompt in enumerate(prompts):
-        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < config.vocab_size]
+        bad = [t for t in prompt
+               if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < config.vocab_size]
         if bad:
             raise ValueError(f"prompt {row} holds token id {bad[0]!r}; expected int ids in "
                              f"0..{config.vocab_size - 1} (the model's vocab_size={config.vocab_size})")

@@ -31,11 +31,13 @@ class FolderInUse(FileExistsError):
 def add_folder_flags(parser: argparse.ArgumentParser, resume_help: str) -> None:
     """``--resume`` / ``--overwrite`` / ``--next`` (mutually exclusive) on ``parser``."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--resume", dest="folder_policy", action="store_const", const="resume", help=resume_help)
+    group.add_argument("--resume", dest="folder_policy", action="store_const", const="resume",
+                       help=resume_help)
     group.add_argument("--overwrite", dest="folder_policy", action="store_const", const="overwrite",
                        help="replace the earlier run in the output folder")
     group.add_argument("--next", dest="folder_policy", action="store_const", const="next",
-                       help="if the output folder holds a run, write to the next free numbered sibling (OUT-2, ...)")
+                       help="if the output folder holds a run, write to the next free numbered sibling "
+                            "(OUT-2, ...)")
     parser.set_defaults(folder_policy="refuse")
 
 

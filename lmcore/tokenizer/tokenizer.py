@@ -39,8 +39,9 @@ def merge(ids: list[int], a: int, b: int, new: int) -> list[int]:
 def _surrogate_error(text: str, offset: int = 0) -> ValueError:
     """The refusal of text holding a lone surrogate, at its position in the whole input."""
     where = next(i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff")
-    return ValueError(f"the text holds a lone surrogate U+{ord(text[where]):04X} at character {offset + where}, "
-                      "which UTF-8 cannot encode; expected text decoded without errors='surrogateescape'")
+    return ValueError(f"the text holds a lone surrogate U+{ord(text[where]):04X} at character "
+                      f"{offset + where}, which UTF-8 cannot encode; expected text decoded without "
+                      "errors='surrogateescape'")
 
 
 class Tokenizer:

@@ -97,7 +97,7 @@ def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimize
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
-    """Read a checkpoint without unpickling code and verify its checksum; ``CheckpointError`` if it cannot be used."""
+    """Read a checkpoint without unpickling code and verify its checksum; ``CheckpointError`` if unusable."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}")

@@ -56,8 +56,8 @@ def section_classes() -> dict[str, type]:
 # keys and types
 
 
-_NAMES = {"int": "an integer", "float": "a number", "str": "a text", "bool": "true or false", "dict": "a mapping",
-          "list": "a list", "None": "null"}
+_NAMES = {"int": "an integer", "float": "a number", "str": "a text", "bool": "true or false",
+          "dict": "a mapping", "list": "a list", "None": "null"}
 
 
 def _allowed_types(annotation: Any, default: Any) -> set[str]:
@@ -72,7 +72,7 @@ def _allowed_types(annotation: Any, default: Any) -> set[str]:
 
 
 def _coerce(where: str, value: Any, allowed: set[str], default: Any) -> Any:
-    """``value`` if it has an allowed type (an int or a numeric text becomes a float); else ``ConfigError``."""
+    """``value`` if its type is allowed (an int or a numeric text becomes a float); else ``ConfigError``."""
     if "any" in allowed:
         return value
     if value is None and "None" in allowed:
@@ -137,7 +137,8 @@ def check_keys_and_types(config: dict, defaults: dict) -> None:
                 from lmcore.nn.config import PRESETS
 
                 if values.get("preset") is not None and values["preset"] not in PRESETS:
-                    raise ConfigError(f"model.preset={values['preset']!r} is not one of: {', '.join(PRESETS)}")
+                    raise ConfigError(f"model.preset={values['preset']!r} is not one of: "
+                                      f"{', '.join(PRESETS)}")
         else:
             schema = {k: (None, v) for k, v in default.items()}
         _check_section(f"{name}.", values, schema)

@@ -16,8 +16,8 @@ import torch
 from lmcore.distributed.wrap import DDP_KINDS, maybe_no_sync, sync_gradients
 from lmcore.nn import ModelConfig, TransformerLM
 from lmcore.train.batches import get_batch
-from lmcore.train.checkpoint import (CheckpointError, config_differences, load_checkpoint, remove_partial_writes,
-                                     save_checkpoint, set_rng_state)
+from lmcore.train.checkpoint import (CheckpointError, config_differences, load_checkpoint,
+                                     remove_partial_writes, save_checkpoint, set_rng_state)
 from lmcore.train.functional import clip_grad_norm, cosine_lr, cross_entropy
 from lmcore.train.metrics import MetricsLog, plot_metrics
 from lmcore.train.optim import AdamW
@@ -79,8 +79,8 @@ class TrainConfig:
         if not self.lr > 0 or self.min_lr < 0:
             raise ValueError(f"lr={self.lr} must be > 0 and min_lr={self.min_lr} >= 0")
         if self.min_lr > self.lr:
-            raise ValueError(f"min_lr={self.min_lr} is above lr={self.lr}; the schedule decays from lr down to "
-                             "min_lr, so expected min_lr <= lr")
+            raise ValueError(f"min_lr={self.min_lr} is above lr={self.lr}; the schedule decays from lr "
+                             "down to min_lr, so expected min_lr <= lr")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,8 +118,8 @@ def data_parallel_group(cfg: TrainConfig):
     if cfg.ddp == "none" and not cfg.sharded_optimizer:
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if world > 1:
-            raise ValueError(f"started as {world} processes (WORLD_SIZE={world}) but ddp='none': every process "
-                             "would train the same model into the same out_dir; choose a ddp mode "
+            raise ValueError(f"started as {world} processes (WORLD_SIZE={world}) but ddp='none': every "
+                             "process would train the same model into the same out_dir; choose a ddp mode "
                              f"({', '.join(k for k in DDP_KINDS if k != 'none')}) or start a single process")
         return None
     from lmcore.distributed import init_from_env
@@ -191,8 +191,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
         before = payload["config"]["train"].get("max_iters", cfg.max_iters)
         if before != cfg.max_iters and rank == 0:
             print(f"resuming at iteration {start} with max_iters {before} -> {cfg.max_iters}: the cosine "
-                  f"schedule now spans {cfg.max_iters} iterations, so the learning rate continues from its value "
-                  f"at iteration {start} of the longer schedule", file=sys.stderr)
+                  f"schedule now spans {cfg.max_iters} iterations, so the learning rate continues from its "
+                  f"value at iteration {start} of the longer schedule", file=sys.stderr)
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         set_rng_state(payload["rng"], batches)
@@ -213,8 +213,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
     writer = rank == 0  # only rank 0 logs and writes files
     if out and writer:
         remove_partial_writes(out)  # a checkpoint write that was killed leaves its temporary file
-    log = MetricsLog(os.path.join(out, "metrics.jsonl") if out and writer else None, append=resume is not None,
-                     after=start)
+    log = MetricsLog(os.path.join(out, "metrics.jsonl") if out and writer else None,
+                     append=resume is not None, after=start)
     ckpt_path = os.path.join(out, "ckpt.pt") if out else None
     tokens_per_iter = cfg.batch_size * model_config.context_length * cfg.grad_accum * world
 

@@ -211,7 +211,7 @@ def prepare_data(config: dict, progress: bool = False, on_change: str = "rebuild
 
 
 def check_config(config: dict) -> tuple:
-    """Every check that needs no data, as one ``ConfigError`` line; returns the model, train and sample configs."""
+    """Every check that needs no data (one ``ConfigError`` line); returns model, train and sample configs."""
     check_keys_and_types(config, DEFAULTS)
     model_config, train_config = build_section("model/train", lambda: model_and_train_configs(
         config, config["vocab_size"]))
@@ -250,7 +250,8 @@ def clear_training_run(out_dir: str) -> None:
     remove_partial_writes(out_dir)
 
 
-def run(config: dict, progress: bool = True, resume: bool = False, policy: str | None = None, log=None) -> dict:
+def run(config: dict, progress: bool = True, resume: bool = False, policy: str | None = None,
+        log=None) -> dict:
     """The whole pipeline; returns a summary (also written to ``out_dir/summary.json``).
 
     Everything that can be checked without data is checked first (``check_config``). ``policy``
@@ -296,8 +297,9 @@ def run(config: dict, progress: bool = True, resume: bool = False, policy: str |
     result = train(model_config, train_config, train_tokens, val_tokens, resume=checkpoint)
     if not writer:
         return {"rank": group.rank, "iterations": result.iteration}
-    samples = [generate_text(result.model, tokenizer, sample.prompt, sample.max_new_tokens, sample.temperature,
-                             top_p=sample.top_p, top_k=sample.top_k, seed=config["seed"] + i)
+    samples = [generate_text(result.model, tokenizer, sample.prompt, sample.max_new_tokens,
+                             sample.temperature, top_p=sample.top_p, top_k=sample.top_k,
+                             seed=config["seed"] + i)
                for i in range(sample.num_samples)]
     summary = {
         "out_dir": out_dir,

@@ -162,7 +162,8 @@ def test_grid_interrupted_by_sigterm_has_a_table_of_what_is_on_disk(tmp_path):
 
     slow = write_notebook(tmp_path / "slow.ipynb", [
         ("code", "x = 1\nnap = 0.0", ["parameters"]),
-        ("code", "import time\nfrom lmcore.results import record\ntime.sleep(nap)\nrecord('square', x * x)", []),
+        ("code", "import time\nfrom lmcore.results import record\ntime.sleep(nap)\nrecord('square', x * x)",
+         []),
     ])
     out = tmp_path / "grid"
     for i, x in enumerate([7, 8, 9]):  # an older grid's folders and table

@@ -39,7 +39,8 @@ def test_bad_utf8_names_the_file_and_the_byte_offset(tmp_path, story_text, capsy
     offset = (1 << 20) - 1 + 70000  # past the first block the reader decodes, inside a later one
     bad.write_bytes(b"a" * offset + b"\xe2\x82x and more")
     capsys.readouterr()
-    assert main(["encode", "--tokenizer", str(tok_path), "--input", str(bad), "--out", str(tmp_path / "i")]) == 1
+    args = ["encode", "--tokenizer", str(tok_path), "--input", str(bad), "--out", str(tmp_path / "i")]
+    assert main(args) == 1
     err = capsys.readouterr().err
     assert f"{bad}: not valid UTF-8 at byte offset {offset} " in err, err
     assert not (tmp_path / "i").exists()

@@ -118,7 +118,8 @@ def test_data_stage_rebuilds_or_refuses_when_its_settings_change(tmp_path):
     with pytest.raises(ConfigError, match=r"vocab_size: built from 280, now 300.*--overwrite"):
         prepare_data(load_config(None, settings + ["vocab_size=300"]), on_change="refuse")
     lines = []
-    again = prepare_data(load_config(None, settings + ["vocab_size=300", "corpus_size=25000"]), log=lines.append)
+    changed = load_config(None, settings + ["vocab_size=300", "corpus_size=25000"])
+    again = prepare_data(changed, log=lines.append)
     assert again["tokenizer"].vocab_size == 300
     assert "corpus_size: built from 20000, now 25000" in lines[0] and "vocab_size" in lines[0]
     assert json.loads((tmp_path / "data.json").read_text())["corpus_size"] == 25000

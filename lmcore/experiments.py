@@ -197,10 +197,15 @@ def holds_run(folder: Path) -> str | None:
 
 
 def finished_run(folder: Path) -> RunResult | None:
-    """The run recorded in ``folder`` (``run.json`` written when it ended), or None."""
+    """The run recorded in ``folder`` (its ``run.json``, or an older run's files), or None."""
     try:
-        meta = json.loads((folder / "run.json").read_text())
         params = json.loads((folder / "params.json").read_text())
+        if (folder / "run.json").exists():
+            meta = json.loads((folder / "run.json").read_text())
+        elif (folder / "error.txt").exists():
+            meta = {"error": (folder / "error.txt").read_text().strip()}
+        else:
+            meta = {} if (folder / "results.json").exists() else {"error": "did not finish"}
         results_path = folder / "results.json"
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
     except (OSError, ValueError):
@@ -272,10 +277,13 @@ def run(chapter: str | Path, params: dict[str, Any] | None, out: str | Path,
     folder, decision = choose_folder(out, holds_run, policy)
     if policy == "resume":
         earlier = finished_run(folder)
-        if earlier is not None and earlier.params != params:
+        if earlier is None:
+            raise FolderInUse(f"--resume: {folder} holds no run of a chapter to continue "
+                              f"({holds_run(folder)}); use --overwrite or another --out")
+        if earlier.params != params:
             raise FolderInUse(f"--resume: {folder} holds a run with other parameters ({earlier.params}); "
                               "use --overwrite or another --out")
-        if earlier is not None and earlier.ok:
+        if earlier.ok:
             log(f"{folder} already holds this run, finished; nothing to do")
             return earlier
     log(decision)
@@ -311,6 +319,12 @@ def grid(chapter: str | Path, grid_values: dict[str, list[Any]], out: str | Path
         raise ParameterError(f"--x {x!r} is not one of the grid's parameters: {', '.join(grid_values)}")
     out, decision = choose_folder(out, holds_grid, policy, what="grid")
     earlier = [finished_run(out / f"run-{i:03d}") if policy == "resume" else None for i in range(len(combos))]
+    if policy == "resume":
+        names = {f"run-{i:03d}" for i in range(len(combos))} | {"results.csv", "plot.png"}
+        others = sorted(p.name for p in out.iterdir() if p.name not in names and p.name[0] != ".")
+        if others:
+            raise FolderInUse(f"--resume: {out} holds {', '.join(others[:4])}, which this grid of "
+                              f"{len(combos)} runs would not list; use --overwrite or another --out")
     for i, (params, before) in enumerate(zip(combos, earlier)):
         if before is not None and before.params != params:
             raise FolderInUse(f"--resume: {before.folder} holds a run with {before.params}, but this grid "

@@ -209,3 +209,14 @@ def test_grid_interrupted_by_sigterm_has_a_table_of_what_is_on_disk(tmp_path):
     assert f"{len(rows)} of 3 runs finished earlier" in done.stderr
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["x"] for r in rows] == ["1", "2", "3"] and [r["square"] for r in rows] == ["1", "4", "9"]
+
+
+def test_resume_refuses_a_folder_it_would_not_describe(toy, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a run")
+    with pytest.raises(experiments.FolderInUse, match="holds no run of a chapter to continue"):
+        run(toy, {"x": 3}, folder, policy="resume", log=quiet)
+    with pytest.raises(experiments.FolderInUse, match="notes.txt, which this grid of 2 runs would not list"):
+        grid(toy, {"x": [1, 2]}, folder, policy="resume", progress=False, log=quiet)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]

@@ -173,6 +173,10 @@ def prepare_data(config: dict, progress: bool = False, on_change: str = "rebuild
     paths = {name: os.path.join(out, name) for name in DATA_FILES}
     settings = data_settings(config)
     diffs = data_differences(out, settings)
+    unrecorded = bool(diffs) and not os.path.exists(os.path.join(out, "data.json"))
+    if unrecorded and on_change == "refuse":  # a run from before data.json existed: trust its files
+        (log or print)(f"the data in {out} has no record of its settings; assuming the current ones")
+        diffs = None
     if diffs:
         if on_change == "refuse":
             raise ConfigError(f"the data in {out} was built from other settings ({'; '.join(diffs)}); the "
@@ -237,6 +241,11 @@ def choose_out_dir(config: dict, policy: str) -> tuple[str, str]:
     if policy == "resume" and not os.path.exists(os.path.join(folder, "ckpt.pt")):
         raise ConfigError(f"--resume: there is no checkpoint {os.path.join(folder, 'ckpt.pt')} to continue "
                           "from; run without --resume to start training")
+    if policy == "resume" and os.path.exists(os.path.join(folder, "data.json")):
+        diffs = data_differences(os.fspath(folder), data_settings(config))
+        if diffs:
+            raise ConfigError(f"--resume: the data in {folder} was built from other settings "
+                              f"({'; '.join(diffs)}); resume with those settings, or start again with --overwrite")
     return os.fspath(folder), decision
 
 

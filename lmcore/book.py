@@ -6,7 +6,9 @@ The pipeline, in four steps, each of which fails loudly:
    (``_stage/``), so the committed chapters stay output-free;
 2. **execute**: run every chapter of ``_toc.yml`` there with papermill, at its default parameters
    or at those of a profile (``book/params/<profile>/<chapter>.yaml``), printing each chapter's
-   time; a failure names the chapter and the failing cell;
+   time; a failure names the chapter and the failing cell (numbered as in the source notebook).
+   ``--only NAME ...`` executes those chapters; every other chapter reuses its outputs from an
+   earlier build of the same source (kept in ``_build/executed/``) or becomes a placeholder page;
 3. **render**: ``jupyter-book build`` on the staged tree with execution off and warnings as
    errors (``-W -n --keep-going``), into a fresh temporary folder;
 4. **publish**: move the finished HTML into ``_build/html`` in one step, so a half-built book is
@@ -140,6 +142,41 @@ class _patched_environ:
                 os.environ[k] = v
 
 
+def _quiet_kernel_manager():
+    """A kernel manager whose kernels do not write to this process's stderr: cell outputs reach the
+    notebook anyway, and a kernel stopped with its run (Ctrl-C) would print tracebacks of its own."""
+    import subprocess as sp
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    class QuietKernelManager(AsyncKernelManager):
+        async def _async_start_kernel(self, **kw):
+            kw.setdefault("stderr", sp.DEVNULL)
+            return await super()._async_start_kernel(**kw)
+
+        start_kernel = _async_start_kernel
+
+    return QuietKernelManager
+
+
+def source_cell(source: Path, executed_index: int, injected: bool) -> str:
+    """``"cell N"`` as a reader counts the cells of the source notebook (from 1), for a cell index
+    of the executed copy, in which papermill inserted its parameters cell when it was given any."""
+    if injected:
+        with open(source, encoding="utf-8") as f:
+            tags = [c.get("metadata", {}).get("tags", []) for c in json.load(f)["cells"]]
+        replaced = any("injected-parameters" in t for t in tags)  # papermill overwrites such a cell
+        params = next((i for i, t in enumerate(tags) if "parameters" in t), -1)
+        if not replaced:
+            if executed_index == params + 1:
+                if params < 0:
+                    return "the parameters papermill injected before cell 1"
+                return f"the parameters papermill injected after cell {params + 1}"
+            if executed_index > params + 1:
+                executed_index -= 1
+    return f"cell {executed_index + 1} (counting from 1)"
+
+
 def execute_notebook(
     source: Path,
     output: Path,
@@ -166,13 +203,14 @@ def execute_notebook(
                 log_output=False,
                 request_save_on_cell_execute=False,
                 execution_timeout=timeout,
+                kernel_manager_class=_quiet_kernel_manager(),
             )
     except PapermillExecutionError as err:
         source_line = (err.source or "").strip().splitlines()
         first = source_line[0] if source_line else ""
         raise ChapterError(
-            f"chapter {source.name} failed in cell {err.cell_index + 1} (counting from 1; execution count "
-            f"{err.exec_count}, starting {first!r}): {err.ename}: {err.evalue}"
+            f"chapter {source.name} failed in {source_cell(source, err.cell_index, bool(parameters))} "
+            f"(execution count {err.exec_count}, starting {first!r}): {err.ename}: {err.evalue}"
         ) from None
     except Exception as err:  # kernel died, timeout, bad notebook: still name the chapter
         raise ChapterError(f"chapter {source.name} could not be executed: {type(err).__name__}: {err}") from err
@@ -214,6 +252,58 @@ def render_html(stage_dir: Path, output: Path) -> None:
             shutil.rmtree(old)
 
 
+def select_chapters(root: Path, only: list[str] | None) -> list[str]:
+    """The stems of the chapters to execute: all, or those ``only`` names (refusing unknown names)."""
+    stems = [nb.stem for nb in chapters(root)]
+    if not only:
+        return stems
+    import difflib
+
+    picked = []
+    for name in only:
+        stem = Path(name).stem
+        if stem not in stems:
+            close = difflib.get_close_matches(stem, stems, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"--only {name!r} is not a chapter of this book; {hint}"
+                             f"chapters: {', '.join(stems)}")
+        picked.append(stem)
+    return picked
+
+
+def _source_hash(notebook: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(notebook.read_bytes()).hexdigest()
+
+
+def keep_executed(source: Path, executed: Path, executed_dir: Path) -> None:
+    """Record an executed chapter (with the hash of its source) for later ``--only`` builds to reuse."""
+    nb = json.loads(executed.read_text(encoding="utf-8"))
+    executed_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(executed_dir / executed.name) as f:
+        json.dump({"source_sha256": _source_hash(source), "notebook": nb}, f)
+
+
+def stand_in(staged: Path, executed_dir: Path) -> str:
+    """Fill a chapter that is not executed in this build: its recorded outputs from an earlier build
+    of the same source, or a one-cell page that says it was left out. Returns what was done."""
+    recorded = executed_dir / staged.name
+    if recorded.is_file():
+        kept = json.loads(recorded.read_text(encoding="utf-8"))
+        if kept.get("source_sha256") == _source_hash(staged):
+            staged.write_text(json.dumps(kept["notebook"]), encoding="utf-8")
+            return f"outputs reused from {recorded}"
+    nb = json.loads(staged.read_text(encoding="utf-8"))
+    title = next((line for c in nb["cells"] if c["cell_type"] == "markdown"
+                  for line in "".join(c["source"]).splitlines() if line.startswith("# ")), f"# {staged.stem}")
+    nb["cells"] = [{"cell_type": "markdown", "metadata": {}, "id": "left-out",
+                    "source": f"{title}\n\nThis chapter was not executed in this build of the book "
+                              f"(`python -m lmcore.book build --only ...`).\n"}]
+    staged.write_text(json.dumps(nb), encoding="utf-8")
+    return "left out: a placeholder page (no earlier outputs of this source)"
+
+
 @dataclass
 class ChapterRun:
     chapter: str
@@ -234,10 +324,13 @@ def build(
     output = Path(output) if output else build_dir / "html"
     output.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    selected = select_chapters(root, only)
     staged = stage(root, root / "_stage")
-    notebooks = chapters(staged)
-    if only:
-        notebooks = [nb for nb in notebooks if nb.stem in only or nb.name in only]
+    notebooks = [nb for nb in chapters(staged) if nb.stem in selected]
+    executed_dir = build_dir / "executed"
+    for notebook in chapters(staged):
+        if notebook.stem not in selected:
+            log(f"      {notebook.stem}: {stand_in(notebook, executed_dir)} (not in --only)")
     results_dir = build_dir / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -250,6 +343,7 @@ def build(
         execute_notebook(root / notebook.relative_to(staged), notebook, params, cwd=notebook.parent,
                          timeout=chapter_timeout(notebook), results_path=results_path)
         seconds = time.perf_counter() - t0
+        keep_executed(root / notebook.relative_to(staged), notebook, executed_dir)
         results = json.loads(results_path.read_text()) if results_path.exists() else {}
         runs.append(ChapterRun(notebook.stem, seconds, results))
         log(f"      {notebook.stem}: {seconds:.1f} s")
@@ -272,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="execute every chapter and build the HTML book")
     b.add_argument("--profile", default=None, help="parameter profile (book/params/<profile>/), e.g. ci")
-    b.add_argument("--only", nargs="+", default=None, help="execute only these chapters (by stem)")
+    b.add_argument("--only", nargs="+", default=None,
+                   help="execute only these chapters (by stem); the others reuse the outputs of an earlier "
+                        "build of the same source, or become placeholder pages")
     b.add_argument("--output", default=None, help="where to publish the HTML (default _build/html)")
     sub.add_parser("chapters", help="list the chapters in reading order")
     args = parser.parse_args(argv)

@@ -14,6 +14,13 @@ product, one folder per run, then collects every run's parameters and results in
 
 Parameters are checked against the chapter's ``parameters`` cell before anything runs: an
 unknown name or a value of the wrong type is refused with the list of valid parameters.
+
+Nothing that exists is lost. An ``--out`` folder that holds anything is refused unless the command
+says what to do (``--resume``, ``--overwrite`` or ``--next``, see ``lmcore.runfolders``), and the
+decision is printed in one line. Each run executes in a staging folder and is moved into place
+when complete; a failed run leaves earlier results untouched and sits beside them as
+``failed-<time>/``. ``results.csv`` is rewritten after every run of a grid, and Ctrl-C or SIGTERM
+stops a grid with one line naming the runs that finished and the command that continues it.
 """
 
 from __future__ import annotations
@@ -23,12 +30,17 @@ import ast
 import csv
 import itertools
 import json
+import shlex
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmcore.runfolders import (FolderInUse, add_folder_flags, choose_folder, remove_stale_staging,
+                               replace_folder, staging_folder)
 from lmcore.utils import atomic_write
 
 
@@ -151,10 +163,19 @@ class RunResult:
     results: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    skipped: bool = False  # finished earlier (``--resume``) and not run again
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+class GridInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a grid; ``results`` holds the runs that finished (all in results.csv)."""
+
+    def __init__(self, results: list[RunResult], total: int, out: Path):
+        super().__init__(f"{len(results)} of {total} runs finished")
+        self.results, self.total, self.out = results, total, out
 
 
 def export_html(executed: Path, html: Path) -> None:
@@ -167,37 +188,106 @@ def export_html(executed: Path, html: Path) -> None:
         f.write(body)
 
 
-def run(chapter: str | Path, params: dict[str, Any] | None, out: str | Path,
-        timeout: int | None = None, validated: bool = False) -> RunResult:
-    """Execute one chapter with ``params`` into ``out``; a failure is returned in ``RunResult.error``."""
+def holds_run(folder: Path) -> str | None:
+    """What an earlier run left in ``folder`` (None when it is empty): any content counts."""
+    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if not names:
+        return None
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def finished_run(folder: Path) -> RunResult | None:
+    """The run recorded in ``folder`` (its ``run.json``, or an older run's files), or None."""
+    try:
+        params = json.loads((folder / "params.json").read_text())
+        if (folder / "run.json").exists():
+            meta = json.loads((folder / "run.json").read_text())
+        elif (folder / "error.txt").exists():
+            meta = {"error": (folder / "error.txt").read_text().strip()}
+        else:
+            meta = {} if (folder / "results.json").exists() else {"error": "did not finish"}
+        results_path = folder / "results.json"
+        results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    except (OSError, ValueError):
+        return None
+    return RunResult(folder, params, results, meta.get("error"), float(meta.get("seconds", 0.0)),
+                     skipped=True)
+
+
+def execute_run(notebook: Path, params: dict[str, Any], folder: Path,
+                timeout: int | None = None) -> RunResult:
+    """Execute into a staging folder, then move it to ``folder`` in one rename.
+
+    A failed run never replaces earlier results: when ``folder`` holds a ``results.json``, the
+    failed run is kept beside them as ``folder/failed-<time>/`` (with its ``error.txt``).
+    """
     from lmcore.book import ChapterError, chapter_timeout, execute_notebook
 
+    staged = staging_folder(folder)
+    try:
+        with atomic_write(staged / "params.json") as f:
+            json.dump(params, f, indent=1)
+        executed, results_path = staged / notebook.name, staged / "results.json"
+        t0 = time.perf_counter()
+        result = RunResult(folder, params)
+        try:
+            execute_notebook(notebook, executed, params, cwd=notebook.parent,
+                             timeout=timeout or chapter_timeout(notebook), results_path=results_path)
+        except ChapterError as err:
+            result.error = str(err)
+        result.seconds = time.perf_counter() - t0
+        if executed.exists():
+            try:
+                export_html(executed, staged / (notebook.stem + ".html"))
+            except Exception as err:  # a failed export must not hide the run's own outcome
+                result.error = result.error or f"HTML export failed: {err}"
+        if results_path.exists():
+            result.results = json.loads(results_path.read_text())
+        if result.error:
+            (staged / "error.txt").write_text(result.error + "\n")
+            if results_path.exists():  # results of a failed run are not results
+                results_path.rename(staged / "partial-results.json")
+                result.results = {}
+        with atomic_write(staged / "run.json") as f:
+            json.dump({"chapter": notebook.name, "status": "ok" if result.ok else "failed",
+                       "seconds": round(result.seconds, 3), "error": result.error}, f, indent=1)
+        if result.error and (folder / "results.json").exists():
+            result.folder = folder / time.strftime("failed-%Y%m%d-%H%M%S")
+            staged.rename(result.folder)
+        else:
+            replace_folder(staged, folder)
+        return result
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+def run(chapter: str | Path, params: dict[str, Any] | None, out: str | Path,
+        timeout: int | None = None, validated: bool = False, policy: str = "refuse",
+        log=print) -> RunResult:
+    """Execute one chapter with ``params`` into ``out``; a failure is returned in ``RunResult.error``.
+
+    ``policy`` says what to do when ``out`` holds an earlier run (see ``lmcore.runfolders``):
+    ``"refuse"`` raises ``FolderInUse``; ``"resume"`` returns the earlier run if it finished with
+    the same parameters; ``"overwrite"`` replaces it once the new run is complete; ``"next"`` writes
+    to ``out-2`` (``out-3``, ...). The decision is passed to ``log`` in one line.
+    """
     notebook = find_notebook(chapter)
     params = dict(params or {}) if validated else validate(notebook, dict(params or {}))
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_write(folder / "params.json") as f:
-        json.dump(params, f, indent=1)
-    executed = folder / notebook.name
-    results_path = folder / "results.json"
-    t0 = time.perf_counter()
-    result = RunResult(folder, params)
-    try:
-        execute_notebook(notebook, executed, params, cwd=notebook.parent,
-                         timeout=timeout or chapter_timeout(notebook), results_path=results_path)
-    except ChapterError as err:
-        result.error = str(err)
-    result.seconds = time.perf_counter() - t0
-    if executed.exists():
-        try:
-            export_html(executed, folder / (notebook.stem + ".html"))
-        except Exception as err:  # a failed export must not hide the run's own outcome
-            result.error = result.error or f"HTML export failed: {err}"
-    if results_path.exists():
-        result.results = json.loads(results_path.read_text())
-    if result.error:
-        (folder / "error.txt").write_text(result.error + "\n")
-    return result
+    folder, decision = choose_folder(out, holds_run, policy)
+    if policy == "resume":
+        earlier = finished_run(folder)
+        if earlier is None:
+            raise FolderInUse(f"--resume: {folder} holds no run of a chapter to continue "
+                              f"({holds_run(folder)}); use --overwrite or another --out")
+        if earlier.params != params:
+            raise FolderInUse(f"--resume: {folder} holds a run with other parameters ({earlier.params}); "
+                              "use --overwrite or another --out")
+        if earlier.ok:
+            log(f"{folder} already holds this run, finished; nothing to do")
+            return earlier
+    log(decision)
+    return execute_run(notebook, params, folder, timeout)
 
 
 def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -206,30 +296,66 @@ def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
 
 
+def holds_grid(folder: Path) -> str | None:
+    """What an earlier grid (or anything else) left in ``folder``, or None when it is empty."""
+    return holds_run(folder)
+
+
 def grid(chapter: str | Path, grid_values: dict[str, list[Any]], out: str | Path,
          base: dict[str, Any] | None = None, plot: str | None = None, x: str | None = None,
-         progress: bool = True) -> list[RunResult]:
-    """Run every combination of ``grid_values`` (over ``base``), collect ``results.csv`` and a plot."""
+         progress: bool = True, policy: str = "refuse", log=print) -> list[RunResult]:
+    """Run every combination of ``grid_values`` (over ``base``), collect ``results.csv`` and a plot.
+
+    ``results.csv`` is rewritten (atomically) after every run, so it always describes the run
+    folders on disk. ``policy`` as for ``run``: ``"resume"`` skips runs that finished with the same
+    parameters; ``"overwrite"`` empties ``out`` first. Ctrl-C (or SIGTERM, see ``main``) raises
+    ``GridInterrupted`` after writing the table of the runs that finished.
+    """
     notebook = find_notebook(chapter)
     if not grid_values:
         raise ParameterError("a grid needs at least one --grid NAME=V1,V2,...")
     combos = [validate(notebook, {**(base or {}), **combo}) for combo in expand_grid(grid_values)]
     if x is not None and x not in grid_values:
         raise ParameterError(f"--x {x!r} is not one of the grid's parameters: {', '.join(grid_values)}")
-    out = Path(out)
+    out, decision = choose_folder(out, holds_grid, policy, what="grid")
+    earlier = [finished_run(out / f"run-{i:03d}") if policy == "resume" else None for i in range(len(combos))]
+    if policy == "resume":
+        names = {f"run-{i:03d}" for i in range(len(combos))} | {"results.csv", "plot.png"}
+        others = sorted(p.name for p in out.iterdir() if p.name not in names and p.name[0] != ".")
+        if others:
+            raise FolderInUse(f"--resume: {out} holds {', '.join(others[:4])}, which this grid of "
+                              f"{len(combos)} runs would not list; use --overwrite or another --out")
+    for i, (params, before) in enumerate(zip(combos, earlier)):
+        if before is not None and before.params != params:
+            raise FolderInUse(f"--resume: {before.folder} holds a run with {before.params}, but this grid "
+                              f"puts {params} there; use --overwrite or another --out")
+    if policy == "overwrite" and out.exists():
+        shutil.rmtree(out)
+    log(decision + (f"; {sum(r is not None and r.ok for r in earlier)} of {len(combos)} runs finished earlier"
+                    if policy == "resume" else ""))
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
+    write_table([r for r in earlier if r is not None and r.ok], out / "results.csv")  # what is on disk now
     from tqdm.auto import tqdm
 
-    results = []
+    results: list[RunResult] = []
     bar = tqdm(combos, desc=f"grid {notebook.stem}", unit="run", disable=not progress)
-    for i, params in enumerate(bar):
-        label = ",".join(f"{k}={params[k]}" for k in grid_values)
-        bar.set_postfix_str(label)
-        r = run(notebook, params, out / f"run-{i:03d}", validated=True)
-        if not r.ok:
-            tqdm.write(f"run {i} ({label}) failed in {r.folder}: {r.error}")
-        results.append(r)
-    write_table(results, out / "results.csv")
+    try:
+        for i, params in enumerate(bar):
+            label = ",".join(f"{k}={params[k]}" for k in grid_values)
+            bar.set_postfix_str(label)
+            if earlier[i] is not None and earlier[i].ok:
+                r = earlier[i]
+            else:
+                r = execute_run(notebook, params, out / f"run-{i:03d}")
+                if not r.ok:
+                    tqdm.write(f"run {i} ({label}) failed in {r.folder}: {r.error}")
+            results.append(r)
+            write_table(results, out / "results.csv")
+    except KeyboardInterrupt:
+        bar.close()
+        raise GridInterrupted(results, len(combos), out) from None
+    bar.close()
     plot = plot or _first_numeric_result(results)
     if plot is not None:
         plot_results(results, plot, x or next(iter(grid_values)), out / "plot.png")
@@ -302,7 +428,38 @@ def _grid_arg(text: str) -> tuple[str, list[Any]]:
     return name.strip(), items
 
 
+def _grid_values(pairs: list[tuple[str, list[Any]]]) -> dict[str, list[Any]]:
+    """``--grid`` options as a mapping; a name given twice is refused (its values would be lost)."""
+    values: dict[str, list[Any]] = {}
+    for name, items in pairs:
+        if name in values:
+            together = ",".join(map(str, values[name] + items))
+            raise ParameterError(f"--grid {name} is given twice ({values[name]} and {items}); give all its "
+                                 f"values in one option, e.g. --grid {name}={together}")
+        values[name] = items
+    return values
+
+
+def _continue_command(argv: list[str], out: Path) -> str:
+    """The command that continues an interrupted grid: the same one with ``--resume`` into ``out``."""
+    kept, skip = [], False
+    for a in argv:
+        if not skip and a not in ("--resume", "--overwrite", "--next") and not a.startswith("--out="):
+            if a == "--out":
+                skip = True
+                continue
+            kept.append(a)
+        else:
+            skip = False
+    return shlex.join(["python", "-m", "lmcore.experiments", *kept, "--out", str(out), "--resume"])
+
+
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m lmcore.experiments",
                                      description="Run chapters of the lmcore book as parameterized experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -313,13 +470,17 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("params", parents=[common], help="list a chapter's parameters and defaults")
     r = sub.add_parser("run", parents=[common], help="execute one chapter with these parameters")
     r.add_argument("--out", required=True, help="output folder")
+    add_folder_flags(r, "if OUT holds this run with the same parameters, finished, do nothing")
     g = sub.add_parser("grid", parents=[common], help="execute the cartesian product of parameter values")
     g.add_argument("--grid", type=_grid_arg, action="append", required=True, metavar="NAME=V1,V2")
     g.add_argument("--out", required=True, help="output folder (one sub-folder per run)")
     g.add_argument("--plot", default=None, help="the recorded result to plot (default: the first numeric one)")
     g.add_argument("--x", default=None, help="the grid parameter on the x axis (default: the first)")
+    add_folder_flags(g, "continue the grid in OUT: skip the runs that finished with the same parameters")
     args = parser.parse_args(argv)
 
+    err_log = lambda line: print(line, file=sys.stderr)  # noqa: E731  decisions to stderr, results to stdout
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if args.command != "params" else None
     try:
         notebook = find_notebook(args.chapter)
         if args.command == "params":
@@ -328,18 +489,31 @@ def main(argv: list[str] | None = None) -> int:
         base = load_params_file(args.params) if args.params else {}
         base.update({name: parse_value(value) for name, value in args.param})
         if args.command == "run":
-            result = run(notebook, base, args.out)
+            result = run(notebook, base, args.out, policy=args.folder_policy, log=err_log)
             print(json.dumps({"folder": str(result.folder), "ok": result.ok, "seconds": round(result.seconds, 2),
                               "results": result.results, "error": result.error}, indent=1))
             return 0 if result.ok else 1
-        results = grid(notebook, dict(args.grid), args.out, base=base, plot=args.plot, x=args.x)
+        results = grid(notebook, _grid_values(args.grid), args.out, base=base, plot=args.plot, x=args.x,
+                       policy=args.folder_policy, log=err_log)
         failed = [r for r in results if not r.ok]
         print(f"{len(results) - len(failed)} of {len(results)} runs succeeded; "
-              f"collected {Path(args.out) / 'results.csv'}")
+              f"collected {results[0].folder.parent / 'results.csv'}")
         return 1 if failed else 0
-    except (ParameterError, FileNotFoundError) as err:
+    except GridInterrupted as stop:
+        names = ", ".join(r.folder.name for r in stop.results) or "none"
+        print(f"interrupted: {len(stop.results)} of {stop.total} runs finished ({names}), listed in "
+              f"{stop.out / 'results.csv'}; continue with: {_continue_command(argv, stop.out)}",
+              file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted: the run did not finish and nothing was written", file=sys.stderr)
+        return 130
+    except (ParameterError, FileNotFoundError, FolderInUse) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

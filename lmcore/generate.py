@@ -55,11 +55,18 @@ def generate(model: TransformerLM, prompts: Sequence[Sequence[int]], max_new_tok
     Prompts may differ in length: all rows advance one position per step, and a row whose prompt
     is longer keeps its own prompt tokens until it reaches its end.
     """
+    prompts = [p.tolist() if hasattr(p, "tolist") else list(p) for p in prompts]  # tensors and arrays too
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     config = model.config
+    for row, prompt in enumerate(prompts):
+        bad = [t for t in prompt
+               if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {row} holds token id {bad[0]!r}; expected int ids in "
+                             f"0..{config.vocab_size - 1} (the model's vocab_size={config.vocab_size})")
     lengths = [len(p) for p in prompts]
     total = max(lengths) + max_new_tokens
     if total > config.context_length:

@@ -134,6 +134,16 @@ def show_source(obj: Any, lines: tuple[int, int] | None = None):
     return Markdown(f"`{where}`\n\n```python\n{text}\n```")
 
 
+def _file_mode(path: str) -> int:
+    """The mode an existing ``path`` has, else what a new file gets under the umask (0666 & ~umask)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 class atomic_write:
     """Open a temporary file next to ``path`` and rename it over ``path`` only when the block succeeds.
 
@@ -156,6 +166,7 @@ class atomic_write:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(self.path), dir=directory)
+        os.chmod(self.tmp, _file_mode(self.path))  # mkstemp makes 0600; a result file gets the usual mode
         self.file = os.fdopen(fd, self.mode, encoding=self.encoding)
         return self.file
 

@@ -66,3 +66,23 @@ def test_record_writes_results_file(tmp_path, monkeypatch):
 def test_show_source_renders_package_code():
     shown = utils.show_source(utils.seed_everything)
     assert "def seed_everything" in shown.data and "lmcore.utils.seed_everything" in shown.data
+
+
+def test_atomic_write_gives_files_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        fresh = tmp_path / "fresh.json"
+        with utils.atomic_write(fresh) as f:
+            f.write("{}")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644  # not mkstemp's 0600
+        shared = tmp_path / "shared.txt"
+        shared.write_text("old")
+        shared.chmod(0o664)
+        with utils.atomic_write(shared) as f:
+            f.write("new")
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o664  # an existing file keeps its mode
+    finally:
+        os.umask(old)

@@ -260,14 +260,26 @@ def _collect(procs, conns, grace, deadline) -> list[Any]:
         for c in conns:
             c.close()
     if failures:
-        first = min(failures, key=lambda r: (_is_consequence(failures[r]), r))
-        lines = [f"rank {first} of {world_size} failed: {failures[first]}"]
+        first = min(failures, key=lambda r: (_blame_order(failures[r]), r))
+        if _blame_order(failures[first]) == 1:  # nobody raised or died: the rank still running stalled
+            lines = [f"rank {first} of {world_size} stalled (the others timed out waiting for it in a "
+                     f"collective): {failures[first]}"]
+        else:
+            lines = [f"rank {first} of {world_size} failed: {failures[first]}"]
         for r in sorted(failures):
             if r != first:
                 head = failures[r].strip().splitlines()[0] if failures[r].strip() else ""
                 lines.append(f"rank {r} then stopped: {head}")
         raise RankFailedError("\n".join(lines), failures)
     return [results[r] for r in range(world_size)]
+
+
+def _blame_order(text: str) -> int:
+    """0: the rank raised or died; 1: it was still running when stopped (it stalled); 2: it failed
+    because of another rank (a broken or timed-out collective). The lowest is reported first."""
+    if not _is_consequence(text):
+        return 0
+    return 1 if text.startswith("still running") else 2
 
 
 def _is_consequence(text: str) -> bool:

@@ -32,11 +32,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read(path: str) -> str:
+def utf8_error(path: str, err: UnicodeDecodeError) -> ValueError:
+    """The error of a file that is not UTF-8, naming the file and the offset of the first bad byte in it."""
     if path == "-":
-        return sys.stdin.read()
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+        return ValueError(f"standard input is not valid UTF-8 ({err.reason}); expected UTF-8 text")
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            pending = len(decoder.getstate()[0])  # bytes of a character the last block began
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as bad:  # bad.start counts from the first pending byte
+                start = offset - pending + bad.start
+                return ValueError(f"{path}: not valid UTF-8 at byte offset {start} ({bad.reason}: "
+                                  f"{bad.object[bad.start:bad.start + 4]!r}); expected a UTF-8 text file")
+            offset += len(block)
+    return ValueError(f"{path}: not valid UTF-8 at its end ({err.reason}); expected a UTF-8 text file")
+
+
+def _read(path: str) -> str:
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as err:
+        raise utf8_error(path, err) from None
 
 
 def _write(path: str, text: str) -> None:
@@ -57,13 +80,16 @@ def _encode_stream(tok, source: str, target: str) -> None:
     from lmcore.utils import atomic_write
 
     infile = sys.stdin if source == "-" else open(source, encoding="utf-8")
-    with infile, (nullcontext(sys.stdout) if target == "-" else atomic_write(target)) as out:
-        ids = tok.encode_iterable(infile)
-        first = True
-        while batch := list(islice(ids, 1 << 16)):
-            out.write(("" if first else " ") + " ".join(map(str, batch)))
-            first = False
-        out.write("\n")
+    try:
+        with infile, (nullcontext(sys.stdout) if target == "-" else atomic_write(target)) as out:
+            ids = tok.encode_iterable(infile)
+            first = True
+            while batch := list(islice(ids, 1 << 16)):
+                out.write(("" if first else " ") + " ".join(map(str, batch)))
+                first = False
+            out.write("\n")
+    except UnicodeDecodeError as err:
+        raise utf8_error(source, err) from None
 
 
 def main(argv: list[str] | None = None) -> int:

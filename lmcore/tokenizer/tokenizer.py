@@ -36,6 +36,14 @@ def merge(ids: list[int], a: int, b: int, new: int) -> list[int]:
     return out
 
 
+def _surrogate_error(text: str, offset: int = 0) -> ValueError:
+    """The refusal of text holding a lone surrogate, at its position in the whole input."""
+    where = next(i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff")
+    return ValueError(f"the text holds a lone surrogate U+{ord(text[where]):04X} at character "
+                      f"{offset + where}, which UTF-8 cannot encode; expected text decoded without "
+                      "errors='surrogateescape'")
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer.
 
@@ -159,9 +167,18 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ public API
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; special tokens in the text become their ids (longest match first)."""
+        """Token ids of ``text``; special tokens in the text become their ids (longest match first).
+
+        Text that cannot be UTF-8 (a lone surrogate such as ``"\\ud800"``) is refused with its position.
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
+        try:
+            return self._encode_text(text)
+        except UnicodeEncodeError:
+            raise _surrogate_error(text) from None
+
+    def _encode_text(self, text: str) -> list[int]:
         out: list[int] = []
         if self._splitter is None:
             self._encode_pieces(self._re.findall(text), out)
@@ -183,17 +200,26 @@ class Tokenizer:
         """
         if isinstance(texts, str):
             texts = [texts]
-        buffer = ""
+        buffer, done = "", 0  # ``done``: characters of the stream before ``buffer``
         for text in texts:
             if not isinstance(text, str):
                 raise TypeError(f"encode_iterable expects an iterable of str, got {type(text).__name__}")
             buffer += text
             if len(buffer) < block_chars:
                 continue
-            ids, buffer = self._encode_stable(buffer)
+            try:
+                ids, rest = self._encode_stable(buffer)
+            except UnicodeEncodeError:
+                raise _surrogate_error(buffer, done) from None
+            done += len(buffer) - len(rest)
+            buffer = rest
             yield from ids
         if buffer:
-            yield from self.encode(buffer)
+            try:
+                ids = self._encode_text(buffer)
+            except UnicodeEncodeError:
+                raise _surrogate_error(buffer, done) from None
+            yield from ids
 
     def _encode_stable(self, buffer: str) -> tuple[list[int], str]:
         """Encode the part of ``buffer`` that more text cannot change; return (ids, the rest)."""
@@ -231,15 +257,23 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """The text of ``ids``; byte sequences that are not valid UTF-8 become U+FFFD."""
         vocab = self.vocab
+        if hasattr(ids, "tolist") and not isinstance(ids, (list, tuple)):  # a tensor or an array
+            shape = tuple(getattr(ids, "shape", ()))
+            if len(shape) != 1:
+                raise ValueError(f"decode expects a 1-D sequence of ids, got shape {shape}; decode each row")
+            ids = ids.tolist()
         ids = ids if isinstance(ids, (list, tuple)) else list(ids)
         try:
             data = b"".join([vocab[i] for i in ids])
         except (KeyError, TypeError):
+            checked = []
             for i in ids:
-                if not isinstance(i, int) or i not in vocab:
-                    raise ValueError(f"token id {i!r} is not in the vocabulary "
+                value = i.item() if hasattr(i, "item") and getattr(i, "ndim", 1) == 0 else i
+                if isinstance(value, bool) or not isinstance(value, int) or value not in vocab:
+                    raise ValueError(f"token id {value!r} is not in the vocabulary "
                                      f"(expected an int id in 0..{self.vocab_size - 1})") from None
-            raise
+                checked.append(value)
+            data = b"".join([vocab[i] for i in checked])
         return data.decode("utf-8", errors="replace")
 
     # ------------------------------------------------------------------ files

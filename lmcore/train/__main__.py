@@ -1,4 +1,9 @@
-"""``python -m lmcore.train --config FILE [--set key=value ...] [--resume]``: the end-to-end run."""
+"""``python -m lmcore.train --config FILE [--set key=value ...] [--resume | --overwrite | --next]``.
+
+The end-to-end run. An ``out_dir`` that holds an earlier training run is never written over
+silently: ``--resume`` continues it (``train.max_iters`` may be raised), ``--overwrite`` replaces it,
+``--next`` trains into a numbered sibling folder; without one of them the run is refused.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,17 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from lmcore.distributed.wrap import DDP_KINDS
-    from lmcore.train.pipeline import load_config, run
+    from lmcore.runfolders import FolderInUse, add_folder_flags
+    from lmcore.train.checkpoint import CheckpointError
+    from lmcore.train.config_checks import ConfigError
+    from lmcore.train.pipeline import check_config, load_config, run
 
     parser = argparse.ArgumentParser(prog="python -m lmcore.train",
                                      description="corpus -> tokenizer -> tokens -> training -> samples")
     parser.add_argument("--config", help="YAML file, or the name of a bundled config (e.g. stories-tiny)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override an entry, e.g. --set train.max_iters=100 --set model.d_model=128")
-    parser.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt.pt")
+    add_folder_flags(parser, "continue from out_dir/ckpt.pt (train.max_iters may be raised to train longer)")
     parser.add_argument("--ddp", choices=DDP_KINDS, default=None,
                         help="data parallelism over the processes torchrun started (train.ddp)")
     parser.add_argument("--sharded-optimizer", action="store_true",
@@ -33,11 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.bucket_size_mb={args.bucket_size_mb}")
     try:
         config = load_config(args.config, overrides)
-    except (ValueError, OSError) as err:
+        check_config(config)
+        summary = run(config, progress=not args.no_progress, policy=args.folder_policy)
+    except (ConfigError, CheckpointError, FolderInUse, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    try:
-        summary = run(config, progress=not args.no_progress, resume=args.resume)
     finally:
         import torch.distributed as dist
 

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -15,7 +16,8 @@ import torch
 from lmcore.distributed.wrap import DDP_KINDS, maybe_no_sync, sync_gradients
 from lmcore.nn import ModelConfig, TransformerLM
 from lmcore.train.batches import get_batch
-from lmcore.train.checkpoint import config_differences, load_checkpoint, save_checkpoint, set_rng_state
+from lmcore.train.checkpoint import (CheckpointError, config_differences, load_checkpoint,
+                                     remove_partial_writes, save_checkpoint, set_rng_state)
 from lmcore.train.functional import clip_grad_norm, cosine_lr, cross_entropy
 from lmcore.train.metrics import MetricsLog, plot_metrics
 from lmcore.train.optim import AdamW
@@ -23,10 +25,11 @@ from lmcore.utils import get_device, seed_everything
 
 DTYPES = ("auto", "float32", "bfloat16")
 
-#: Fields that only change how a run is observed or where it runs; all others must match to resume.
+#: Fields that only change how a run is observed or where it runs, and ``max_iters`` (a resumed run
+#: may be extended); all others must match to resume.
 RESUME_MAY_CHANGE = frozenset({"eval_interval", "eval_iters", "log_interval", "checkpoint_interval",
                                "out_dir", "device", "compile", "progress", "ddp", "bucket_size_mb",
-                               "sharded_optimizer"})
+                               "sharded_optimizer", "max_iters"})
 
 
 @dataclass
@@ -75,6 +78,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.dtype={self.dtype!r} is not one of {DTYPES}")
         if not self.lr > 0 or self.min_lr < 0:
             raise ValueError(f"lr={self.lr} must be > 0 and min_lr={self.min_lr} >= 0")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} is above lr={self.lr}; the schedule decays from lr "
+                             "down to min_lr, so expected min_lr <= lr")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,6 +116,11 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, sharded: bool 
 def data_parallel_group(cfg: TrainConfig):
     """The ``DistInfo`` of a data-parallel run (``torchrun``/``launch`` started several ranks), else None."""
     if cfg.ddp == "none" and not cfg.sharded_optimizer:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world > 1:
+            raise ValueError(f"started as {world} processes (WORLD_SIZE={world}) but ddp='none': every "
+                             "process would train the same model into the same out_dir; choose a ddp mode "
+                             f"({', '.join(k for k in DDP_KINDS if k != 'none')}) or start a single process")
         return None
     from lmcore.distributed import init_from_env
 
@@ -171,12 +182,20 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
         keep = lambda c: {**c, "train": {k: v for k, v in c["train"].items() if k not in RESUME_MAY_CHANGE}}  # noqa: E731
         diffs = config_differences(keep(payload["config"]), keep(config))
         if diffs:
-            raise ValueError(f"checkpoint {os.fspath(resume)} was written by another configuration; "
-                             f"fields that differ: {'; '.join(diffs)}")
+            raise CheckpointError(f"checkpoint {os.fspath(resume)} was written by another configuration; "
+                                  f"fields that differ: {'; '.join(diffs)}")
+        start = payload["iteration"]
+        if start > cfg.max_iters:
+            raise CheckpointError(f"checkpoint {os.fspath(resume)} is at iteration {start}, past max_iters="
+                                  f"{cfg.max_iters}; expected max_iters >= {start}")
+        before = payload["config"]["train"].get("max_iters", cfg.max_iters)
+        if before != cfg.max_iters and rank == 0:
+            print(f"resuming at iteration {start} with max_iters {before} -> {cfg.max_iters}: the cosine "
+                  f"schedule now spans {cfg.max_iters} iterations, so the learning rate continues from its "
+                  f"value at iteration {start} of the longer schedule", file=sys.stderr)
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         set_rng_state(payload["rng"], batches)
-        start = payload["iteration"]
         if world > 1:  # the checkpoint holds rank 0's generator; give every rank its own stream again
             batches.manual_seed(cfg.seed + 1 + rank + 1_000_003 * start)
     if group is not None:
@@ -192,7 +211,10 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
     end = cfg.max_iters if stop_at is None else min(stop_at, cfg.max_iters)
     out = cfg.out_dir
     writer = rank == 0  # only rank 0 logs and writes files
-    log = MetricsLog(os.path.join(out, "metrics.jsonl") if out and writer else None, append=resume is not None)
+    if out and writer:
+        remove_partial_writes(out)  # a checkpoint write that was killed leaves its temporary file
+    log = MetricsLog(os.path.join(out, "metrics.jsonl") if out and writer else None,
+                     append=resume is not None, after=start)
     ckpt_path = os.path.join(out, "ckpt.pt") if out else None
     tokens_per_iter = cfg.batch_size * model_config.context_length * cfg.grad_accum * world
 

@@ -5,19 +5,27 @@ from __future__ import annotations
 import json
 import os
 
+from lmcore.utils import atomic_write
+
 
 class MetricsLog:
-    """Append one JSON object per line to ``path`` (or only keep them in memory when ``path`` is None)."""
+    """Append one JSON object per line to ``path`` (or only keep them in memory when ``path`` is None).
 
-    def __init__(self, path: str | os.PathLike | None = None, append: bool = False):
+    ``append`` continues an existing file; ``after`` (the iteration a resumed run starts from) first
+    drops the records of later iterations, which the run is about to log again.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, append: bool = False, after: int | None = None):
         self.path = os.fspath(path) if path is not None else None
         self.records: list[dict] = []
         if self.path:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             if append and os.path.exists(self.path):
                 self.records = read_metrics(self.path)
-            else:
-                open(self.path, "w").close()
+                if after is not None:
+                    self.records = [r for r in self.records if r.get("iter", 0) <= after]
+            with atomic_write(self.path) as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.records)
 
     def log(self, **record) -> dict:
         self.records.append(record)

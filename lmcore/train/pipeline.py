@@ -31,10 +31,14 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 from typing import Any
 
 import yaml
 
+from lmcore.runfolders import FolderInUse, choose_folder
+from lmcore.train.config_checks import (ConfigError, SampleConfig, build_section, check_consistency,
+                                        check_keys_and_types, check_launch, check_memory, check_token_counts)
 from lmcore.utils import atomic_write
 
 END_OF_TEXT = "<|endoftext|>"
@@ -92,7 +96,7 @@ def _looks_numeric(text: str) -> bool:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> dict:
-    """Defaults, then the YAML file, then ``overrides``; unknown top-level keys are refused."""
+    """Defaults, then the YAML file, then ``overrides``; unknown keys and wrong types are refused."""
     config = copy.deepcopy(DEFAULTS)
     if path is not None:
         path = os.fspath(path)
@@ -105,9 +109,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         config = _merge(config, loaded)
     for assignment in overrides:
         apply_override(config, assignment)
-    unknown = sorted(set(config) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; expected some of {sorted(DEFAULTS)}")
+    check_keys_and_types(config, DEFAULTS)
     return config
 
 
@@ -129,15 +131,61 @@ def model_and_train_configs(config: dict, vocab_size: int | None = None):
     return model_config, TrainConfig(**train)
 
 
-def prepare_data(config: dict, progress: bool = False) -> dict:
-    """Write the corpus split, train the tokenizer and tokenize; returns the paths (skips existing files)."""
+#: What the data stage records in ``out_dir/data.json``: the settings its files were built from.
+DATA_SETTINGS = ("corpus", "corpus_size", "val_fraction", "seed", "vocab_size", "special_tokens")
+DATA_FILES = ("train.txt", "val.txt", "tokenizer.json", "train.npy", "val.npy")
+
+
+def data_settings(config: dict) -> dict:
+    """The settings the data stage depends on (a corpus file also by its size in bytes)."""
+    settings = {key: config[key] for key in DATA_SETTINGS}
+    if os.path.isfile(str(config["corpus"])):
+        settings["corpus_file_bytes"] = os.path.getsize(config["corpus"])
+    return json.loads(json.dumps(settings))  # tuples as lists, as they are read back
+
+
+def data_differences(out: str, settings: dict) -> list[str] | None:
+    """How ``out``'s data files differ from ``settings`` (``[]`` if they match, None if there are none)."""
+    present = [name for name in DATA_FILES if os.path.exists(os.path.join(out, name))]
+    if not present:
+        return None
+    try:
+        with open(os.path.join(out, "data.json"), encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return [f"{', '.join(present)} carry no record of what they were built from (data.json)"]
+    return [f"{key}: built from {recorded.get(key, '<missing>')!r}, now {settings.get(key, '<missing>')!r}"
+            for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
+
+
+def prepare_data(config: dict, progress: bool = False, on_change: str = "rebuild", log=None) -> dict:
+    """Write the corpus split, train the tokenizer and tokenize; returns the paths.
+
+    Files that exist are reused when ``out_dir/data.json`` says they were built from the same
+    settings (``DATA_SETTINGS``). When the settings changed, ``on_change="rebuild"`` rebuilds them
+    (saying so through ``log``) and ``"refuse"`` raises ``ConfigError`` listing the differences.
+    """
     from lmcore.data import load_corpus, tokenize_to_npy
     from lmcore.tokenizer import Tokenizer, train_bpe
 
     out = config["out_dir"]
     os.makedirs(out, exist_ok=True)
-    paths = {name: os.path.join(out, name) for name in ("train.txt", "val.txt", "tokenizer.json",
-                                                        "train.npy", "val.npy")}
+    paths = {name: os.path.join(out, name) for name in DATA_FILES}
+    settings = data_settings(config)
+    diffs = data_differences(out, settings)
+    unrecorded = bool(diffs) and not os.path.exists(os.path.join(out, "data.json"))
+    if unrecorded and on_change == "refuse":  # a run from before data.json existed: trust its files
+        (log or print)(f"the data in {out} has no record of its settings; assuming the current ones")
+        diffs = None
+    if diffs:
+        if on_change == "refuse":
+            raise ConfigError(f"the data in {out} was built from other settings ({'; '.join(diffs)}); the "
+                              "checkpoint was trained on it, so resume with the old settings or start again "
+                              "with --overwrite")
+        (log or print)(f"data settings changed ({'; '.join(diffs)}): rebuilding corpus, tokenizer and tokens")
+        for name in (*DATA_FILES, "data.json"):
+            if os.path.exists(os.path.join(out, name)):
+                os.unlink(os.path.join(out, name))
     if not (os.path.exists(paths["train.txt"]) and os.path.exists(paths["val.txt"])):
         text = load_corpus(config["corpus"], size=config["corpus_size"], seed=config["seed"])
         if not 0 < config["val_fraction"] < 1:
@@ -156,30 +204,94 @@ def prepare_data(config: dict, progress: bool = False) -> dict:
     for split in ("train", "val"):
         if not os.path.exists(paths[f"{split}.npy"]):
             tokenize_to_npy(paths[f"{split}.txt"], tokenizer, paths[f"{split}.npy"], progress=progress)
+    if diffs != []:  # record what the files were built from, once they all exist
+        with atomic_write(os.path.join(out, "data.json")) as f:
+            json.dump(settings, f, indent=1)
     return {**paths, "tokenizer": tokenizer}
 
 
-def run(config: dict, progress: bool = True, resume: bool = False) -> dict:
+# ----------------------------------------------------------------------------------------------
+# before any work: the whole config, and the output folder
+
+
+def check_config(config: dict) -> tuple:
+    """Every check that needs no data (one ``ConfigError`` line); returns model, train and sample configs."""
+    check_keys_and_types(config, DEFAULTS)
+    model_config, train_config = build_section("model/train", lambda: model_and_train_configs(
+        config, config["vocab_size"]))
+    sample = build_section("sample", lambda: SampleConfig(**config["sample"]))
+    check_consistency(config, model_config, train_config, sample)
+    check_launch(train_config)
+    check_memory(model_config, train_config)
+    return model_config, train_config, sample
+
+
+#: The files of a training run in ``out_dir`` (the data stage's files are not a run: they are reused).
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "summary.json", "curves.png")
+
+
+def holds_training_run(folder) -> str | None:
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(folder, name))]
+    return ", ".join(found) if found else None
+
+
+def choose_out_dir(config: dict, policy: str) -> tuple[str, str]:
+    """Where this run writes (``lmcore.runfolders`` policies) and the decision in one line; reads only."""
+    folder, decision = choose_folder(config["out_dir"], holds_training_run, policy, what="training run")
+    if policy == "resume" and not os.path.exists(os.path.join(folder, "ckpt.pt")):
+        raise ConfigError(f"--resume: there is no checkpoint {os.path.join(folder, 'ckpt.pt')} to continue "
+                          "from; run without --resume to start training")
+    if policy == "resume" and os.path.exists(os.path.join(folder, "data.json")):
+        diffs = data_differences(os.fspath(folder), data_settings(config))
+        if diffs:
+            raise ConfigError(f"--resume: the data in {folder} was built from other settings "
+                              f"({'; '.join(diffs)}); resume with those settings, or start again with --overwrite")
+    return os.fspath(folder), decision
+
+
+def clear_training_run(out_dir: str) -> None:
+    """``--overwrite``: remove the earlier run's files (its data stage stays, checked by data.json)."""
+    from lmcore.train.checkpoint import remove_partial_writes
+
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.unlink(os.path.join(out_dir, name))
+    remove_partial_writes(out_dir)
+
+
+def run(config: dict, progress: bool = True, resume: bool = False, policy: str | None = None,
+        log=None) -> dict:
     """The whole pipeline; returns a summary (also written to ``out_dir/summary.json``).
 
-    ``resume`` continues training from ``out_dir/ckpt.pt``.
+    Everything that can be checked without data is checked first (``check_config``). ``policy``
+    says what to do when ``out_dir`` holds an earlier training run (``lmcore.runfolders``):
+    ``"refuse"`` (the default), ``"resume"`` (continue from ``out_dir/ckpt.pt``; ``resume=True`` is the
+    same), ``"overwrite"``, or ``"next"`` (a numbered sibling folder). Decisions go to ``log``.
     """
     from lmcore.generate import generate_text
     from lmcore.train.batches import load_tokens
     from lmcore.train.functional import unigram_cross_entropy
-    from lmcore.train.loop import train
+    from lmcore.train.loop import data_parallel_group, train
 
-    from lmcore.train.loop import data_parallel_group
-
-    _, probe = model_and_train_configs(config)  # validates the settings before any work
+    log = log or (lambda line: print(line, file=sys.stderr))
+    policy = policy or ("resume" if resume else "refuse")
+    _, probe, sample = check_config(config)  # before any work
+    out_dir, decision = choose_out_dir(config, policy)  # every rank decides alike, before any rank writes
+    config = {**config, "out_dir": out_dir}
     group = data_parallel_group(probe)
-    if group is not None and group.rank != 0:
+    writer = group is None or group.rank == 0
+    if writer:
+        log(decision)
+        if policy == "overwrite":
+            clear_training_run(out_dir)
+    on_change = "refuse" if policy == "resume" else "rebuild"
+    if not writer:
         import torch.distributed as dist
 
         dist.barrier()  # rank 0 writes the corpus, tokenizer and token files first
-        data = prepare_data(config, progress=False)
+        data = prepare_data(config, progress=False, on_change=on_change, log=log)
     else:
-        data = prepare_data(config, progress)
+        data = prepare_data(config, progress, on_change=on_change, log=log)
         if group is not None:
             import torch.distributed as dist
 
@@ -187,25 +299,29 @@ def run(config: dict, progress: bool = True, resume: bool = False) -> dict:
     tokenizer = data["tokenizer"]
     train_tokens, val_tokens = load_tokens(data["train.npy"]), load_tokens(data["val.npy"])
     model_config, train_config = model_and_train_configs(config, tokenizer.vocab_size)
+    check_token_counts(len(train_tokens), len(val_tokens), len(tokenizer.encode(sample.prompt)), model_config,
+                       sample)
     train_config = dataclasses.replace(train_config, progress=progress and train_config.progress)
-    checkpoint = os.path.join(config["out_dir"], "ckpt.pt") if resume else None
+    checkpoint = os.path.join(out_dir, "ckpt.pt") if policy == "resume" else None
     result = train(model_config, train_config, train_tokens, val_tokens, resume=checkpoint)
-    if group is not None and group.rank != 0:
+    if not writer:
         return {"rank": group.rank, "iterations": result.iteration}
-    s = config["sample"]
-    samples = [generate_text(result.model, tokenizer, s["prompt"], s["max_new_tokens"], s["temperature"],
-                             top_p=s.get("top_p"), top_k=s.get("top_k"), seed=config["seed"] + i)
-               for i in range(s.get("num_samples", 1))]
+    samples = [generate_text(result.model, tokenizer, sample.prompt, sample.max_new_tokens,
+                             sample.temperature, top_p=sample.top_p, top_k=sample.top_k,
+                             seed=config["seed"] + i)
+               for i in range(sample.num_samples)]
     summary = {
+        "out_dir": out_dir,
         "val_loss": result.final_val_loss,
         "unigram_val_loss": unigram_cross_entropy(train_tokens, val_tokens, tokenizer.vocab_size),
         "iterations": result.iteration,
         "parameters": result.model.num_parameters(),
         "train_tokens": int(len(train_tokens)),
-        "samples": [s["prompt"] + text for text in samples],
+        "samples": [sample.prompt + text for text in samples],
         "model": model_config.to_dict(),
         "train": train_config.to_dict(),
+        "data": data_settings(config),
     }
-    with atomic_write(os.path.join(config["out_dir"], "summary.json")) as f:
+    with atomic_write(os.path.join(out_dir, "summary.json")) as f:
         json.dump(summary, f, indent=1)
     return summary

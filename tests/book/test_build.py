@@ -58,3 +58,31 @@ def test_sphinx_warning_fails_the_build(tmp_path):
     with pytest.raises(RuntimeError, match="jupyter-book build failed"):
         build(root, output=tmp_path / "html", log=lambda *_: None)
     assert not (tmp_path / "html").exists()
+
+
+def test_failing_cell_is_numbered_as_in_the_source_when_parameters_are_injected(tmp_path):
+    from lmcore.book import execute_notebook
+
+    from .conftest import write_notebook
+
+    nb = write_notebook(tmp_path / "broken.ipynb", [
+        ("markdown", "# Broken\n", []), ("code", "n = 1", ["parameters"]), ("code", "print(n)", []),
+        ("code", "1 / n", [])])
+    with pytest.raises(ChapterError, match=r"failed in cell 4 \(counting from 1.*'1 / n'.*ZeroDivisionError"):
+        execute_notebook(nb, tmp_path / "out.ipynb", {"n": 0})  # papermill injects a cell after cell 2
+
+
+def test_only_refuses_unknown_names_and_builds_a_book_of_the_chapters_given(tmp_path):
+    root = throwaway_book(tmp_path / "book-root", {
+        "fine": [("markdown", "# Fine\n", []), ("code", "n = 1", ["parameters"]), ("code", "print(n)", [])],
+        "broken": [("markdown", "# Broken\n", []), ("code", "n = 1", ["parameters"]), ("code", "1 / 0", [])],
+    })
+    with pytest.raises(ValueError, match=r"--only 'fien' is not a chapter.*did you mean 'fine'"):
+        build(root, output=tmp_path / "html", only=["fien"], log=lambda *_: None)
+    lines = []
+    runs = build(root, output=tmp_path / "html", only=["fine"], log=lines.append)
+    assert [r.chapter for r in runs] == ["fine"]
+    assert any("broken" in line and "placeholder" in line for line in lines)
+    page = (tmp_path / "html" / "book" / "broken.html").read_text()
+    assert "not executed in this build" in page
+    assert "ZeroDivisionError" not in page

@@ -104,3 +104,119 @@ def test_grid_cli_on_chapter_zero(tmp_path):
 def test_unknown_chapter_is_refused():
     with pytest.raises(FileNotFoundError, match="no chapter notebook"):
         experiments.find_notebook("no-such-chapter")
+
+
+# ----------------------------------------------------------------------------------------------
+# results that already exist are never lost
+
+
+def quiet(*_):
+    pass
+
+
+def test_rerun_without_resume_leaves_the_old_run_intact(toy, tmp_path):
+    folder = tmp_path / "one"
+    assert run(toy, {"x": 3}, folder, log=quiet).ok
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(experiments.FolderInUse, match=r"holds an earlier run.*--resume.*--overwrite.*--next"):
+        run(toy, {"x": 4}, folder, log=quiet)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    # the command line says so in one line and exits 2
+    done = subprocess.run([sys.executable, "-m", "lmcore.experiments", "run", str(toy), "-p", "x", "5",
+                           "--out", str(folder)], capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    # --next writes a numbered sibling; --resume with the same parameters does nothing
+    lines = []
+    assert run(toy, {"x": 4}, folder, policy="next", log=lines.append).folder == tmp_path / "one-2"
+    assert "writing to" in lines[0] and "one-2" in lines[0]
+    assert run(toy, {"x": 3}, folder, policy="resume", log=quiet).skipped
+
+
+def test_failed_rerun_keeps_earlier_results_and_a_later_good_run_clears_the_error(toy, tmp_path):
+    folder = tmp_path / "one"
+    assert run(toy, {"x": 3}, folder, log=quiet).ok
+    good = (folder / "results.json").read_text()
+    failed = run(toy, {"x": 3, "fail": True}, folder, policy="overwrite", log=quiet)
+    assert not failed.ok and failed.folder.parent == folder and failed.folder.name.startswith("failed-")
+    assert (folder / "results.json").read_text() == good, "a failed run deleted earlier results"
+    assert "asked to fail" in (failed.folder / "error.txt").read_text()
+    assert run(toy, {"x": 4}, folder, policy="overwrite", log=quiet).ok
+    assert sorted(p.name for p in folder.iterdir()) == ["params.json", "results.json", "run.json", "toy.html",
+                                                         "toy.ipynb"], "stale error files survived a good run"
+    assert json.loads((folder / "results.json").read_text())["square"] == 16
+
+
+def test_repeated_grid_option_is_refused(toy, tmp_path, capsys):
+    assert experiments.main(["grid", str(toy), "--grid", "x=1,2", "--grid", "x=3",
+                             "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err
+    assert "--grid x is given twice" in err and "x=1,2,3" in err
+    assert not (tmp_path / "g").exists()
+
+
+def test_grid_interrupted_by_sigterm_has_a_table_of_what_is_on_disk(tmp_path):
+    """Over an older grid (--overwrite): the table lists exactly the finished runs now on disk."""
+    import signal
+    import time
+
+    slow = write_notebook(tmp_path / "slow.ipynb", [
+        ("code", "x = 1\nnap = 0.0", ["parameters"]),
+        ("code", "import time\nfrom lmcore.results import record\ntime.sleep(nap)\nrecord('square', x * x)",
+         []),
+    ])
+    out = tmp_path / "grid"
+    for i, x in enumerate([7, 8, 9]):  # an older grid's folders and table
+        (out / f"run-{i:03d}").mkdir(parents=True)
+        (out / f"run-{i:03d}" / "params.json").write_text(json.dumps({"x": x}))
+    (out / "results.csv").write_text("run,status,x\nrun-000,ok,7\nrun-001,ok,8\nrun-002,ok,9\n")
+    argv = ["grid", str(slow), "--grid", "x=1,2,3", "-p", "nap", "30", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "lmcore.experiments", *argv, "--overwrite"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(out.glob(".run-000.staging-*")):
+        time.sleep(0.2)
+    time.sleep(3.0)  # inside the first run's 30 s nap (or still starting its kernel)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: 0 of 3 runs finished") and "--resume" in last, err
+    assert "Traceback" not in err
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    on_disk = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert rows == [] and on_disk == [], (rows, on_disk)  # nothing finished, nothing old left to mislead
+
+    # a fast grid stopped with Ctrl-C after its first run: the table holds that run, --resume does the rest
+    argv = ["grid", str(slow), "--grid", "x=1,2,3", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "lmcore.experiments", *argv, "--overwrite"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while time.time() < deadline and not (out / "run-000" / "run.json").exists():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    finished = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert [r["run"] for r in rows] == finished and "run-000" in finished, (rows, finished, err)
+    for row in rows:
+        assert json.loads((out / row["run"] / "params.json").read_text())["x"] == int(row["x"])
+    assert not list(out.glob(".*staging*")), "a half-run staging folder was left behind"
+    if proc.returncode == 130:  # stopped before the last run: continue as the message says
+        assert "--resume" in err.strip().splitlines()[-1]
+    done = subprocess.run([sys.executable, "-m", "lmcore.experiments", *argv, "--resume"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"{len(rows)} of 3 runs finished earlier" in done.stderr
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["x"] for r in rows] == ["1", "2", "3"] and [r["square"] for r in rows] == ["1", "4", "9"]
+
+
+def test_resume_refuses_a_folder_it_would_not_describe(toy, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a run")
+    with pytest.raises(experiments.FolderInUse, match="holds no run of a chapter to continue"):
+        run(toy, {"x": 3}, folder, policy="resume", log=quiet)
+    with pytest.raises(experiments.FolderInUse, match="notes.txt, which this grid of 2 runs would not list"):
+        grid(toy, {"x": [1, 2]}, folder, policy="resume", progress=False, log=quiet)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]

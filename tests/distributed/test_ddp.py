@@ -251,6 +251,7 @@ def test_a_stalled_rank_makes_the_collective_time_out():
     with pytest.raises(RankFailedError) as info:
         launch(sleep_on_rank_1, 2, timeout=2, grace=2)
     failures = info.value.failures
+    assert str(info.value).startswith("rank 1 of 2 stalled"), str(info.value)  # not rank 0, which waited
     assert "terminated" in failures[1]  # the sleeping rank was stopped, not waited for
     assert "timed out" in failures[0].lower() or "timeout" in failures[0].lower()
 

@@ -60,3 +60,14 @@ def test_stops_at_end_of_text(model):
 def test_refuses_to_run_past_the_context(model):
     with pytest.raises(ValueError, match="exceeds the model's context_length=48"):
         generate(model, [[1] * 40], 10)
+
+
+@pytest.mark.parametrize("bad", [-1, 64, 2.0, True])
+def test_refuses_prompt_ids_outside_the_vocabulary(model, bad):
+    with pytest.raises(ValueError, match=rf"prompt 1 holds token id {bad!r}; expected int ids in 0..63"):
+        generate(model, [[1, 2], [3, bad]], 2, temperature=0)
+
+
+def test_prompts_may_be_tensors(model):
+    assert generate(model, [torch.tensor([1, 2, 3])], 4, temperature=0) == generate(model, [[1, 2, 3]], 4,
+                                                                                   temperature=0)

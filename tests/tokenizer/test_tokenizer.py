@@ -179,3 +179,25 @@ def test_encode_iterable_on_random_awkward_text(pattern):
             pieces.append(text[i:i + step])
             i += step
         assert list(tok.encode_iterable(iter(pieces), block_chars=rng.randint(1, 8))) == tok.encode(text), text
+
+
+def test_lone_surrogate_is_refused_with_its_position(story_tokenizer):
+    with pytest.raises(ValueError, match=r"lone surrogate U\+D800 at character 3,"):
+        story_tokenizer.encode("abc\ud800def")
+    stream = ["hello world "] * 10000 + ["x\udc80"]  # far past the first block of the stream
+    with pytest.raises(ValueError, match=rf"lone surrogate U\+DC80 at character {12 * 10000 + 1},"):
+        list(story_tokenizer.encode_iterable(stream, block_chars=1000))
+
+
+def test_decode_takes_a_tensor_and_names_bad_ids_by_value(story_tokenizer):
+    import numpy as np
+    import torch
+
+    ids = story_tokenizer.encode("hello world")
+    assert story_tokenizer.decode(torch.tensor(ids)) == "hello world"
+    assert story_tokenizer.decode(np.array(ids)) == "hello world"
+    assert story_tokenizer.decode([torch.tensor(i) for i in ids]) == "hello world"
+    with pytest.raises(ValueError, match=r"token id 99999 is not in the vocabulary"):
+        story_tokenizer.decode(torch.tensor([ids[0], 99999]))
+    with pytest.raises(ValueError, match=r"1-D sequence of ids, got shape \(1, 2\)"):
+        story_tokenizer.decode(torch.tensor([ids[:2]]))

@@ -63,7 +63,7 @@ def test_torchrun_pipeline_with_bucketed_ddp_and_sharded_optimizer(tmp_path):
                "--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
                "--set", "model.d_ff=64", "--set", "model.context_length=32", "--set", "train.max_iters=6",
                "--set", "train.batch_size=2", "--set", "train.eval_interval=6", "--set", "train.device=cpu",
-               "--set", "sample.max_new_tokens=4"]
+               "--set", "train.warmup_iters=1", "--set", "sample.max_new_tokens=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -71,3 +71,15 @@ def test_torchrun_pipeline_with_bucketed_ddp_and_sharded_optimizer(tmp_path):
     assert summary["iterations"] == 6 and summary["train"]["ddp"] == "bucketed"
     assert summary["train"]["sharded_optimizer"] is True
     assert len(json.loads(done.stdout)["samples"]) == 2  # only rank 0 printed its summary
+
+
+def test_torchrun_without_a_ddp_mode_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "lmcore.train", "--config", "stories-tiny", "--no-progress",
+               "--set", f"out_dir={out}", "--set", "train.device=cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "WORLD_SIZE=2" in done.stderr and "--ddp" in done.stderr, done.stderr[-3000:]
+    assert not out.exists(), "two processes started training into one out_dir"

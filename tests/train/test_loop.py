@@ -94,3 +94,79 @@ def test_bad_train_config_is_refused():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="dtype"):
         TrainConfig(dtype="fp8")
+
+
+def test_checkpoint_with_flipped_bytes_is_refused(tmp_path):
+    """Eight bytes changed inside a tensor still unpickle; the checksum catches them."""
+    import zipfile
+
+    first = train(MODEL, cfg(out_dir=str(tmp_path), max_iters=2), tokens())
+    with zipfile.ZipFile(first.checkpoint) as archive:
+        biggest = max(archive.infolist(), key=lambda info: info.file_size)
+    with open(first.checkpoint, "r+b") as f:
+        f.seek(biggest.header_offset + 26)
+        name_len, extra_len = np.frombuffer(f.read(4), dtype="<u2")
+        f.seek(biggest.header_offset + 30 + int(name_len) + int(extra_len) + biggest.file_size // 2)
+        f.write(b"\x7f" * 8)
+    with pytest.raises(ValueError, match="do not match the checksum") as info:
+        load_checkpoint(first.checkpoint)
+    assert "weights_only" not in str(info.value) and "--overwrite" in str(info.value)
+    with pytest.raises(ValueError, match="corrupt"):
+        train(MODEL, cfg(out_dir=str(tmp_path), max_iters=2), tokens(), resume=first.checkpoint)
+
+
+DIE_DURING_SECOND_CHECKPOINT = """
+import os, signal, sys
+import torch
+from tests.train.test_loop import MODEL, cfg, tokens
+from lmcore.train import train
+
+real_save, calls = torch.save, []
+def save_then_die(obj, f, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # the checkpoint of iteration 10: half written, then the process is killed
+        f.write(b"PK half a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save_then_die
+train(MODEL, cfg(out_dir=sys.argv[1], checkpoint_interval=5), tokens())
+"""
+
+
+def test_killed_during_a_checkpoint_write_then_resumed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", DIE_DURING_SECOND_CHECKPOINT, str(tmp_path)], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "ckpt.pt")["iteration"] == 5  # the previous checkpoint is intact
+    assert len(list(tmp_path.glob(".tmp-*ckpt.pt"))) == 1
+    assert [r["iter"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r] == [5, 10]
+    resumed = train(MODEL, cfg(out_dir=str(tmp_path), checkpoint_interval=5), tokens(),
+                    resume=tmp_path / "ckpt.pt")
+    assert not list(tmp_path.glob(".tmp-*")), "the half-written checkpoint was left behind"
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["iter"] for r in records if "loss" in r] == [5, 10, 15, 20]  # iteration 10 once, not twice
+    straight = train(MODEL, cfg(), tokens()).model.state_dict()
+    for name, value in straight.items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_resume_can_extend_max_iters(tmp_path, capsys):
+    data = tokens()
+    first = train(MODEL, cfg(out_dir=str(tmp_path), max_iters=10), data)
+    longer = train(MODEL, cfg(out_dir=str(tmp_path), max_iters=20), data, resume=first.checkpoint)
+    assert longer.iteration == 20 and load_checkpoint(longer.checkpoint)["iteration"] == 20
+    assert "max_iters 10 -> 20: the cosine schedule now spans 20 iterations" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at iteration 20, past max_iters=15"):
+        train(MODEL, cfg(out_dir=str(tmp_path), max_iters=15), data, resume=longer.checkpoint)
+
+
+def test_min_lr_above_lr_is_refused():
+    with pytest.raises(ValueError, match="min_lr=0.1 is above lr=0.01"):
+        TrainConfig(lr=0.01, min_lr=0.1)

@@ -2,9 +2,16 @@
 
 - :mod:`lmcore.sparse.patterns`: patterns as block layouts (``local``, ``strided``, ``global``,
   ``mixed``, ``bigbird``, ``dilated``, ``dense``), their density, and pictures of them;
+- :mod:`lmcore.sparse.index`: the compact index of a layout (per query block its key blocks,
+  per key block its query blocks), which the kernels loop over;
 - :mod:`lmcore.sparse.kernel`: :func:`block_sparse_attention`, a FlashAttention-2-style kernel
   that visits only the allowed key blocks, forward and backward;
+- :mod:`lmcore.sparse.reference`: the same sparse work in PyTorch, and dense masked attention;
 - :mod:`lmcore.sparse.nsa`: Native Sparse Attention (compressed, selected and sliding branches).
+
+Every function takes ``impl``, one of :data:`IMPLS`: ``"triton"`` (the Triton kernels),
+``"torch"`` (PyTorch doing the same sparse work), ``"reference"`` (dense attention written out
+with the element mask) or ``"auto"``.
 
 Importing this package registers two attention backends for ``TransformerLM``:
 ``block_sparse`` (options: ``pattern``, ``block_size`` and the pattern's parameters) and ``nsa``.
@@ -15,13 +22,14 @@ from __future__ import annotations
 from functools import lru_cache
 
 from lmcore.nn.registry import register_attention_backend
-from lmcore.sparse.kernel import (BlockIndex, block_index, block_sparse_attention,
-                                  block_sparse_attention_torch, masked_attention)
+from lmcore.sparse.index import BlockIndex, block_index
+from lmcore.sparse.kernel import IMPLS, block_sparse_attention, resolve_impl
+from lmcore.sparse.reference import block_sparse_attention_torch, masked_attention
 from lmcore.sparse.nsa import NSA, NSAConfig, nsa_attention
 from lmcore.sparse.patterns import PATTERNS, BlockLayout, make_layout, render
 
 __all__ = [
-    "BlockLayout", "BlockIndex", "PATTERNS", "make_layout", "render", "block_index",
+    "BlockLayout", "BlockIndex", "IMPLS", "PATTERNS", "make_layout", "render", "block_index",
     "block_sparse_attention", "block_sparse_attention_torch", "masked_attention",
     "NSA", "NSAConfig", "nsa_attention",
 ]
@@ -39,7 +47,10 @@ def block_sparse_backend(q, k, v, causal: bool = True, pattern: str = "local", b
     """Attention backend: ``pattern`` with ``params`` (e.g. ``window=128``) at ``block_size``.
 
     ``impl`` as in :func:`block_sparse_attention` (``"torch"`` trains on a CPU without Triton).
+    With fewer queries than keys (decoding with a KV cache) the last rows of the pattern are
+    computed as dense masked attention.
     """
+    resolve_impl(impl, q.is_cuda)  # an unknown name fails before any work
     tq, tk = q.shape[-2], k.shape[-2]
     layout = _cached_layout(pattern, tk, block_size, bool(causal), tuple(sorted(params.items())))
     if tq != tk:  # decoding with a KV cache: the queries are the last tq positions of the pattern

@@ -27,8 +27,15 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from lmcore.sparse.kernel import _masked_softmax, block_sparse_attention, masked_attention
+from lmcore.sparse.kernel import block_sparse_attention, resolve_impl
 from lmcore.sparse.patterns import BlockLayout, _check_int, local, num_blocks
+
+
+def _masked_softmax(s: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Softmax over allowed entries; rows with none are 0 (with finite gradients)."""
+    any_ok = ok.any(-1, keepdim=True)
+    s = s.masked_fill(~ok, float("-inf")).masked_fill(~any_ok, 0.0)
+    return torch.softmax(s, -1) * ok
 
 
 @dataclass
@@ -88,21 +95,22 @@ def _sliding(seq_len: int, block_size: int, window: int, causal: bool) -> BlockL
 
 def nsa_attention(q, k, v, causal: bool = True, block_size: int = 32, top_n: int = 4, window: int = 64,
                   gates: torch.Tensor | None = None, k_cmp: torch.Tensor | None = None,
-                  v_cmp: torch.Tensor | None = None, impl: str = "kernel", scale: float | None = None):
+                  v_cmp: torch.Tensor | None = None, impl: str = "auto", scale: float | None = None):
     """NSA on ``q, k, v`` (B, H, T, D).
 
     ``gates`` (B, H, T, 3) weigh the compressed, selected and window branches (default 1/3 each);
     ``k_cmp, v_cmp`` (B, H, T // block_size, D) are the compressed keys and values (default: block
-    means). ``impl="torch"`` computes the selected and window branches as dense masked attention
-    (readable, T x T work); ``"kernel"`` runs them through :func:`block_sparse_attention` (Triton
-    on a GPU); ``"gather"`` through its PyTorch version, which also skips the unselected blocks.
+    means). ``impl`` (one of :data:`~lmcore.sparse.kernel.IMPLS`) says how the selected and window
+    branches run, as in :func:`block_sparse_attention`: ``"triton"`` through the block-sparse
+    kernels, ``"torch"`` through their PyTorch version (which also skips the unselected blocks),
+    ``"reference"`` as dense attention with the element mask (readable, T x T work), ``"auto"``
+    Triton on a GPU or under the interpreter, else torch. The compressed branch is PyTorch always.
     """
     B, H, T, D = q.shape
     _check_int("block_size", block_size, 1, T)
     _check_int("top_n", top_n, 1)
     _check_int("window", window, 1)
-    if impl not in ("kernel", "torch", "gather"):
-        raise ValueError(f"impl={impl!r}; expected 'kernel', 'gather' or 'torch'")
+    impl = resolve_impl(impl, q.is_cuda)
     if gates is not None and tuple(gates.shape) != (B, H, T, 3):
         raise ValueError(f"gates have shape {tuple(gates.shape)}; expected {(B, H, T, 3)}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -111,13 +119,8 @@ def nsa_attention(q, k, v, causal: bool = True, block_size: int = 32, top_n: int
     o_cmp, p_cmp = compressed_branch(q, k_cmp, v_cmp, block_size, causal, scale)
     selected = BlockLayout(select_blocks(p_cmp, T, block_size, top_n, causal), block_size, T, causal, name="nsa-selected")
     sliding = _sliding(T, block_size, window, bool(causal))
-    if impl == "torch":
-        o_sel = masked_attention(q, k, v, selected.element_mask(), scale)
-        o_win = masked_attention(q, k, v, sliding.element_mask(), scale)
-    else:
-        how = "auto" if impl == "kernel" else "torch"
-        o_sel = block_sparse_attention(q, k, v, selected, causal=causal, scale=scale, impl=how)
-        o_win = block_sparse_attention(q, k, v, sliding, causal=causal, scale=scale, impl=how)
+    o_sel = block_sparse_attention(q, k, v, selected, causal=causal, scale=scale, impl=impl)
+    o_win = block_sparse_attention(q, k, v, sliding, causal=causal, scale=scale, impl=impl)
     if gates is None:
         return (o_cmp + o_sel + o_win) / 3
     g = gates.to(q.dtype)
@@ -153,7 +156,7 @@ class NSA(nn.Module):
         blocks = x[:, :, : nc * bs].reshape(B, H, nc, bs, D) + self.block_pos  # (B, H, nc, bs, D)
         return proj(blocks.reshape(B, H, nc, bs * D))  # (B, H, nc, D)
 
-    def forward(self, x: torch.Tensor, impl: str = "kernel") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, hd)
         gates = torch.sigmoid(self.gate(x)).view(B, T, self.n_heads, 3).transpose(1, 2)  # (B, H, T, 3)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from lmcore.nn.registry import get_attention_backend
-from lmcore.sparse import (BlockLayout, block_index, block_sparse_attention, block_sparse_attention_torch,
-                           make_layout, masked_attention)
+from lmcore.sparse import (BlockIndex, BlockLayout, block_index, block_sparse_attention, make_layout,
+                           masked_attention)
+from lmcore.sparse import kernel as sparse_kernel
 
 T, BS, D = 72, 32, 16  # 3 key blocks, the last one ragged; BS = 2 tiles of 16 under the interpreter
 CASES = [
@@ -47,12 +48,20 @@ def test_pattern_matches_dense_masked_attention(name, params, causal):
     check_against_dense(layout, *qkv(seed=len(name)))
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch", "reference"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_torch_gather_version_matches(causal):
-    layout = make_layout("mixed", T, BS, causal=causal, window=9, num_global=32)
-    q, k, v = qkv()
-    torch.testing.assert_close(block_sparse_attention_torch(q, k, v, layout),
-                               masked_attention(q, k, v, layout.element_mask()), atol=1e-5, rtol=1e-5)
+def test_every_implementation_matches_dense(causal, impl):
+    layout = make_layout("mixed", T, BS, window=9, num_global=32)  # causal through the argument
+    check_against_dense(layout, *qkv(), causal=causal, impl=impl)
+
+
+VALID = "'auto', 'triton', 'torch', 'reference'"
+
+
+@pytest.mark.parametrize("impl", ["gather", "kernel", "Triton"])
+def test_unknown_impl_names_the_valid_ones(impl):
+    with pytest.raises(ValueError, match=f"impl='{impl}'; expected one of {VALID}"):
+        block_sparse_attention(*qkv(), make_layout("dense", T, BS), impl=impl)
 
 
 @pytest.mark.parametrize("name, params", [("dense", {}), ("local", {"window": 72}), ("local", {"window": 64}),
@@ -176,6 +185,59 @@ def test_bad_inputs_raise_clear_errors():
         block_sparse_attention(*qkv(h=3), BlockLayout(torch.ones(2, 3, 3, dtype=torch.bool), BS, T))
     with pytest.raises(ValueError, match="one shape"):
         block_sparse_attention(q, k[:, :, :64], v, make_layout("dense", T, BS))
+
+
+def test_a_second_call_prepares_nothing(monkeypatch):
+    layout = make_layout("local", T, BS, causal=True, window=20)
+    q, k, v = qkv()
+    grad = torch.randn_like(q)
+    first = block_sparse_attention(q, k, v, layout)
+    first_grads = torch.autograd.grad(first, (q, k, v), grad)
+    done = []
+    monkeypatch.setattr(sparse_kernel, "block_index", lambda *a, **kw: done.append("built an index"))
+    monkeypatch.setattr(sparse_kernel, "_check_inputs", lambda *a, **kw: done.append("checked the inputs"))
+    monkeypatch.setattr(BlockIndex, "strides", lambda *a, **kw: done.append("checked the strides"))
+    for kernel in (sparse_kernel._fwd, sparse_kernel._dkdv, sparse_kernel._dq):  # the autotuners' per-call work
+        monkeypatch.setattr(kernel, "run", lambda *a, **kw: done.append("asked the autotuner"))
+    again = block_sparse_attention(q, k, v, layout)
+    again_grads = torch.autograd.grad(again, (q, k, v), grad)
+    assert done == []
+    torch.testing.assert_close(again, first, atol=0, rtol=0)  # the same kernels with the same tiles
+    for a, b in zip(again_grads, first_grads):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_a_new_shape_gets_its_own_plan_from_the_cached_index(monkeypatch):
+    layout = make_layout("local", T, BS, causal=True, window=20)
+    block_sparse_attention(*qkv(), layout)
+    built = []
+    real = sparse_kernel.block_index
+    monkeypatch.setattr(sparse_kernel, "block_index", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    monkeypatch.setattr("lmcore.sparse.index._lists", lambda *a: pytest.fail("rebuilt the index"))
+    check_against_dense(layout, *qkv(b=2, h=3))  # another batch and head count: one plan more
+    assert len(built) == 1
+    with pytest.raises(ValueError, match="head_dim=20"):  # a new plan checks its inputs again
+        block_sparse_attention(*qkv(d=20), layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_a_second_call_does_not_synchronize():
+    layout = make_layout("local", 2048, 128, causal=True, window=512).to("cuda")
+    q, k, v = qkv(b=2, h=4, t=2048, d=64, dtype=torch.bfloat16, device="cuda")
+    grad = torch.randn_like(q)
+    first = block_sparse_attention(q, k, v, layout)  # tunes the tiles and builds the plan
+    first_grads = torch.autograd.grad(first, (q, k, v), grad)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronization now raises
+    try:
+        again = block_sparse_attention(q, k, v, layout)
+        again_grads = torch.autograd.grad(again, (q, k, v), grad)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    for a, b in zip(again_grads, first_grads):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 @pytest.mark.gpu

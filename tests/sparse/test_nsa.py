@@ -18,10 +18,10 @@ def test_kernel_path_equals_readable_path(causal):
     q, k, v = qkv(t=72)  # ragged last block
     gates = torch.rand(1, 2, 72, 3, generator=torch.Generator().manual_seed(1))
     kw = dict(causal=causal, block_size=16, top_n=2, window=20, gates=gates)
-    out = nsa_attention(q, k, v, impl="kernel", **kw)
-    ref = nsa_attention(q, k, v, impl="torch", **kw)
+    out = nsa_attention(q, k, v, impl="triton", **kw)
+    ref = nsa_attention(q, k, v, impl="reference", **kw)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(nsa_attention(q, k, v, impl="gather", **kw), ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(nsa_attention(q, k, v, impl="torch", **kw), ref, atol=2e-5, rtol=1e-4)
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         assert torch.isfinite(a).all()
@@ -57,7 +57,7 @@ def test_module_forward_backward_and_errors():
     assert y.shape == x.shape
     y.square().mean().backward()
     assert layer.compress_k.weight.grad.abs().sum() > 0 and layer.gate.weight.grad.abs().sum() > 0
-    torch.testing.assert_close(layer(x, impl="torch"), y, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(layer(x, impl="reference"), y, atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="dim=30 must be divisible"):
         NSA(30, 4)
     q, k, v = qkv()
@@ -67,7 +67,15 @@ def test_module_forward_backward_and_errors():
         nsa_attention(q, k, v, gates=torch.ones(1, 2, 64, 2))
 
 
+@pytest.mark.parametrize("old", ["kernel", "gather", "dense"])
+def test_unknown_impl_names_the_valid_ones(old):
+    q, k, v = qkv()
+    valid = "'auto', 'triton', 'torch', 'reference'"
+    with pytest.raises(ValueError, match=f"impl='{old}'; expected one of {valid}"):
+        nsa_attention(q, k, v, block_size=16, impl=old)
+
+
 def test_nsa_backend():
     q, k, v = qkv()
     out = get_attention_backend("nsa")(q, k, v, causal=True, block_size=16, top_n=2, window=16)
-    torch.testing.assert_close(out, nsa_attention(q, k, v, True, 16, 2, 16, impl="torch"), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out, nsa_attention(q, k, v, True, 16, 2, 16, impl="reference"), atol=2e-5, rtol=1e-4)

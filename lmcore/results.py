@@ -1,4 +1,4 @@
-"""Recording a chapter's key results.
+"""A chapter's key results, and the GPU results recorded for the book.
 
 ``record(name, value)`` does two things:
 
@@ -8,6 +8,12 @@
    run's numbers can be collected into tables without parsing the notebook.
 
 Values must be JSON scalars, lists or dicts; NumPy and torch scalars are converted.
+
+Benchmarks run on a GPU write ``book/results/<bench>-<gpu>.json`` (with ``provenance`` at the
+top level: GPU, library versions, date, command) and usually ``<bench>-<gpu>.csv`` (one row per
+measurement), plus optional parts ``<bench>-<gpu>-<part>.csv``/``.json``; ``<gpu>`` is
+:func:`gpu_slug` of the device name. :func:`load_recorded` reads them back for a chapter and
+:func:`recorded_runs` lists what is there.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lmcore.utils import atomic_write
@@ -82,3 +91,127 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{os.fspath(path)} is not a results file: expected a JSON object")
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Recorded GPU results.
+
+
+def gpu_slug(name: str | None) -> str:
+    """The file-name part for a device: 'NVIDIA H100 80GB HBM3' -> 'h100', no name -> 'cpu'.
+
+    The model number when there is one (letters then digits, as in H200, A100, L4), else the
+    whole name in lower case with dashes; a slug maps to itself.
+    """
+    if not name or not name.strip():
+        return "cpu"
+    name = re.sub(r"(?i)^(nvidia|amd)\s+", "", name.strip())
+    m = re.search(r"\b([A-Za-z]{1,3}\d{1,4}[A-Za-z]?)\b", name)
+    return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu").lower()
+
+
+def results_dir() -> Path:
+    """The book's ``book/results`` folder, found from the working directory (or lmcore's checkout)."""
+    from lmcore.book import find_root
+
+    try:
+        root = find_root()
+    except FileNotFoundError:
+        root = find_root(Path(__file__).parent)
+    return root / "book" / "results"
+
+
+@dataclass
+class Recorded:
+    """One recorded benchmark run: its rows, its JSON (``meta``) and where it came from."""
+
+    name: str  # the benchmark, e.g. "sparse"
+    slug: str  # the device, e.g. "h200"
+    rows: Any  # pandas DataFrame of <name>-<slug>.csv, or None where the run wrote no CSV
+    meta: dict = field(default_factory=dict)  # <name>-<slug>.json
+    paths: list = field(default_factory=list)  # the files read
+
+    @property
+    def provenance(self) -> dict:
+        """GPU, library versions, date and command of the run."""
+        return self.meta.get("provenance", {})
+
+    def describe(self) -> str:
+        """One line for a chapter: files, device, versions, date and command."""
+        p = self.provenance
+        files = ", ".join(f"`{path.name}`" for path in self.paths)
+        return (f"Data: {files}: {p.get('gpu') or p.get('processor', '?')}, torch {p.get('torch', '?')}, "
+                f"triton {p.get('triton', '?')}, CUDA {p.get('cuda', '?')}, {p.get('date', '?')}; "
+                f"command `{p.get('command', '?')}`.")
+
+    def part(self, suffix: str):
+        """The companion file ``<name>-<slug>-<suffix>.csv`` (a DataFrame) or ``.json`` (a dict), or None."""
+        folder = self.paths[0].parent
+        stem = folder / f"{self.name}-{self.slug}-{suffix}"
+        if stem.with_suffix(".csv").is_file():
+            import pandas as pd
+
+            return pd.read_csv(stem.with_suffix(".csv"))
+        if stem.with_suffix(".json").is_file():
+            return _read_json(stem.with_suffix(".json"))
+        return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not a results file: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a results file: expected a JSON object")
+    return data
+
+
+def recorded_runs(name: str | None = None, directory: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """The ``(benchmark, slug)`` pairs recorded in ``directory`` (default :func:`results_dir`).
+
+    A file ``<name>-<slug>-<part>.*`` beside ``<name>-<slug>.*`` is a part of that run, not a run.
+    """
+    folder = Path(directory) if directory is not None else results_dir()
+    stems = {p.stem for p in folder.glob("*-*") if p.suffix in (".csv", ".json")} if folder.is_dir() else set()
+    runs = set()
+    for stem in stems:
+        bench, rest = stem.split("-", 1)
+        parts = rest.split("-")
+        if any(f"{bench}-{'-'.join(parts[:i])}" in stems for i in range(1, len(parts))):
+            continue  # a part of a shorter run's files
+        if name is None or bench == name:
+            runs.add((bench, rest))
+    return sorted(runs)
+
+
+def load_recorded(name: str, gpu: str | None = None, directory: str | os.PathLike | None = None) -> Recorded:
+    """The run of benchmark ``name`` recorded on ``gpu`` (a device name or slug) in ``directory``.
+
+    Without ``gpu``: the only run of ``name``, or the newest by its provenance date when there are
+    several. Raises ``FileNotFoundError`` naming what is recorded when there is no such run.
+    """
+    folder = Path(directory) if directory is not None else results_dir()
+    runs = recorded_runs(name, folder)
+    if gpu is not None:
+        wanted = gpu_slug(gpu)
+        runs = [r for r in runs if r[1] == wanted]
+    if not runs:
+        there = ", ".join(f"{b}-{s}" for b, s in recorded_runs(None, folder)) or "nothing"
+        on = f" on {gpu!r}" if gpu is not None else ""
+        raise FileNotFoundError(f"no recorded results for {name!r}{on} in {folder} (recorded there: {there}); "
+                                f"run `python -m lmcore.bench {name}` on a GPU to record them")
+    loaded = [_load_run(folder, bench, slug) for bench, slug in runs]
+    return max(loaded, key=lambda r: str(r.provenance.get("date", "")))
+
+
+def _load_run(folder: Path, name: str, slug: str) -> Recorded:
+    stem = folder / f"{name}-{slug}"
+    paths = [p for p in (stem.with_suffix(".csv"), stem.with_suffix(".json")) if p.is_file()]
+    rows = None
+    if stem.with_suffix(".csv").is_file():
+        import pandas as pd
+
+        rows = pd.read_csv(stem.with_suffix(".csv"))
+    meta = _read_json(stem.with_suffix(".json")) if stem.with_suffix(".json").is_file() else {}
+    return Recorded(name, slug, rows, meta, paths)

@@ -495,15 +495,6 @@ def headline(rows: list[dict], allreduce: list[dict], cfg: BenchConfig) -> dict:
     return out
 
 
-def device_slug(prov: dict) -> str:
-    """'h200' from 'NVIDIA H200', 'cpu' without a GPU."""
-    name = prov.get("gpu")
-    if not name:
-        return "cpu"
-    name = re.sub(r"^(nvidia|amd)\s+", "", name.strip(), flags=re.I)
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-").split("-")[0] or "gpu"
-
-
 def summary_table(rows: list[dict], allreduce: list[dict], metrics: dict | None = None) -> str:
     lines = [f"{'model':18s} {'kind':10s} {'bucket':>7s} {'shard':>5s} {'step ms':>8s} {'tok/s':>10s} "
              f"{'eff':>6s} {'/torch':>6s} {'expo ms':>7s} {'mem GB':>6s} {'opt MB':>7s}  status"]
@@ -558,6 +549,7 @@ def _read_partial(partial_dir: str, world: int) -> list[dict]:
 def main(argv: list[str]) -> dict:
     from lmcore.bench import provenance
     from lmcore.distributed import RankFailedError, launch
+    from lmcore.results import gpu_slug
     from lmcore.utils import atomic_write
 
     args = parse_args(argv)
@@ -584,7 +576,7 @@ def main(argv: list[str]) -> dict:
               "wall_s": round(time.monotonic() - began, 1)}
     out_dir = args.out_dir if args.out_dir is not None else (None if args.quick else os.path.join("book", "results"))
     if out_dir:
-        slug = device_slug(prov)
+        slug = gpu_slug(prov.get("gpu"))
         files = {"csv": f"ddp-{slug}.csv", "allreduce": f"ddp-{slug}-allreduce.csv",
                  "json": f"ddp-{slug}.json", "timeline": f"ddp-{slug}-timeline.json"}
         files = {k: os.path.join(out_dir, v) for k, v in files.items()}

@@ -30,17 +30,10 @@ import io
 import json
 import math
 import os
-import re
 import time
 
 FIELDS = ["method", "pattern", "params", "causal", "seq", "head_dim", "batch", "heads", "block_size",
           "density", "work_ratio", "pass", "ms", "ms_min", "ms_max", "timing", "peak_mb", "note"]
-
-
-def gpu_slug(name: str) -> str:
-    """A short file-name part for a GPU: 'NVIDIA H100 80GB HBM3' -> 'h100'."""
-    m = re.search(r"\b([A-Za-z]{1,3}\d{2,4}[A-Za-z]?)\b", name)
-    return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")).lower()
 
 
 def _parse(argv):
@@ -388,6 +381,7 @@ def _ok(x) -> bool:
 
 
 def _write(out_dir: str, gpu: str, rows: list[dict], meta: dict) -> dict:
+    from lmcore.results import gpu_slug
     from lmcore.utils import atomic_write
 
     os.makedirs(out_dir, exist_ok=True)

@@ -4,7 +4,10 @@ Compares lmcore's stack (``lmcore.nn.TransformerLM``, ``lmcore.train`` loss, Ada
 with the same architecture written the way a PyTorch user would (``torch.nn`` modules,
 ``F.scaled_dot_product_attention``, ``F.cross_entropy``, fused ``torch.optim.AdamW``), in the
 same process, both in bf16 autocast and (on CUDA) ``torch.compile``d.
-Options: ``--quick`` (tiny preset on CPU), ``--presets a,b``, ``--steps N``, ``--no-compile``.
+Options: ``--quick`` (tiny preset on CPU), ``--presets a,b``, ``--steps N``, ``--no-compile``,
+``--out-dir DIR``: write ``train-<gpu>.json`` (the whole result, provenance at the top level),
+``train-<gpu>.csv`` (tokens/s and MFU per preset and stack) and ``train-<gpu>-memory.csv``
+(measured peak memory against the estimate) there, as the book's recorded results.
 """
 
 from __future__ import annotations
@@ -228,6 +231,45 @@ def _commit() -> str | None:
     return out.stdout.strip() or None
 
 
+DESCRIPTION = ("Training throughput (tokens/s), model FLOP utilisation and peak memory of lmcore's stack against "
+               "a torch.nn + F.scaled_dot_product_attention baseline of the same architecture, bf16 autocast, "
+               "same process.")
+
+
+def write_results(result: dict, out_dir: str) -> dict:
+    """Write ``result`` as ``train-<gpu>.json``, ``.csv`` and ``-memory.csv`` in ``out_dir``; their paths."""
+    import csv
+    import json
+    import os
+
+    from lmcore.results import gpu_slug
+    from lmcore.utils import atomic_write
+
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"train-{gpu_slug(result['provenance'].get('gpu'))}")
+    mode = "compiled" if result["compile"] else "eager"
+    rows = [{"preset": name, "mode": mode, "stack": stack, "batch": m["batch"], "context": m["context"],
+             "tokens_per_s": round(m[stack]["tokens_per_s"], 1), "step_ms": round(m[stack]["step_ms"], 3),
+             "mfu": round(m[stack]["mfu"], 4) if "mfu" in m[stack] else "",
+             "speed_ratio_vs_baseline": round(m[stack]["tokens_per_s"] / m["baseline"]["tokens_per_s"], 3)}
+            for name, m in sorted(result["metrics"].items()) for stack in ("baseline", "lmcore")]
+    memory = [{"preset": name, "batch": m["batch"], "seq": m["seq"], "measured_bytes": m["measured_bytes"],
+               "estimate_bytes": m["estimate_bytes"], "ratio": round(m["ratio"], 4)}
+              for name, m in sorted(result["memory"].items())]
+    paths = {"json": stem + ".json"}
+    for key, table in (("csv", rows), ("memory", memory)):
+        if not table:
+            continue
+        paths[key] = stem + ("-memory.csv" if key == "memory" else ".csv")
+        with atomic_write(paths[key]) as f:
+            w = csv.DictWriter(f, fieldnames=list(table[0]))
+            w.writeheader()
+            w.writerows(table)
+    with atomic_write(paths["json"]) as f:
+        json.dump({**result, "description": DESCRIPTION}, f, indent=1, sort_keys=True, default=str)
+    return paths
+
+
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(prog="python -m lmcore.bench train")
     parser.add_argument("--quick", action="store_true", help="tiny preset on CPU, a few steps")
@@ -235,6 +277,7 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--out-dir", default=None, help="write train-<gpu>.json, .csv and -memory.csv here")
     args = parser.parse_args(argv)
     from lmcore.bench import provenance
 
@@ -261,4 +304,6 @@ def main(argv: list[str]) -> dict:
     if device.type == "cuda" and not args.skip_memory:
         for name, batch in MEMORY_CASES:
             result["memory"][name] = measure_training_memory(ModelConfig.preset(name), batch, device)
+    if args.out_dir:
+        result["files"] = write_results(result, args.out_dir)
     return result

@@ -36,11 +36,6 @@ def test_split_trace_separates_exposed_communication():
     assert min(s for _, _, s, _ in timeline["intervals"]) == 0.0
 
 
-def test_device_slug():
-    assert bench.device_slug({"gpu": "NVIDIA H200"}) == "h200"
-    assert bench.device_slug({}) == "cpu"
-
-
 def test_quick_run_writes_results(tmp_path):
     result = bench.main(["--quick", "--out-dir", str(tmp_path), "--bucket-sizes", "0.001", "1",
                          "--steps", "1"])

@@ -7,12 +7,6 @@ from lmcore.bench import sparse as bench
 from lmcore.sparse import make_layout
 
 
-def test_gpu_slug():
-    assert bench.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
-    assert bench.gpu_slug("NVIDIA H200") == "h200"
-    assert bench.gpu_slug("Some Card") == "some-card"
-
-
 def test_patterns_span_five_to_fifty_percent():
     dens = [make_layout(n, 16384, 128, causal=True, **p).density for n, p in bench.patterns_for(16384, 128, False)]
     assert min(dens) < 0.07 and max(dens) > 0.45

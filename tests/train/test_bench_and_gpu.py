@@ -10,15 +10,20 @@ from lmcore.train import TrainConfig, train
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_bench_quick_runs_both_stacks_and_the_cache():
+def test_bench_quick_runs_both_stacks_and_the_cache(tmp_path):
     from lmcore.bench.train import main
+    from lmcore.results import gpu_slug, load_recorded
 
-    result = main(["--quick"])
+    result = main(["--quick", "--out-dir", str(tmp_path)])
     row = result["metrics"]["tiny"]
     assert row["lmcore"]["tokens_per_s"] > 0 and row["baseline"]["tokens_per_s"] > 0
     assert abs(row["lmcore"]["loss"] - row["baseline"]["loss"]) < 1.0  # both start near log(vocab)
     assert result["decode"]["identical_tokens"] is True
     assert result["provenance"]["torch"] == torch.__version__
+    recorded = load_recorded("train", directory=tmp_path)  # written as the book's recorded results are
+    assert recorded.slug == gpu_slug(result["provenance"].get("gpu"))
+    assert recorded.provenance["torch"] == torch.__version__ and recorded.meta["metrics"]["tiny"]["batch"] == 8
+    assert recorded.rows["stack"].tolist() == ["baseline", "lmcore"] and (recorded.rows["tokens_per_s"] > 0).all()
 
 
 def test_baseline_model_has_the_same_parameter_count():

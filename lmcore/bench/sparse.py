@@ -9,15 +9,20 @@ lengths 1k-32k, head dims 64 and 128, bf16, forward and forward+backward, one ru
 - ``flex``: ``torch.nn.attention.flex_attention`` under ``torch.compile`` with the same block
   mask from ``create_block_mask`` (checked to run compiled: no recompiles, no eager fallback);
 - ``sdpa_mask``: ``scaled_dot_product_attention`` with the equivalent dense boolean mask;
-- ``flash_dense``: lmcore's dense FlashAttention-2 kernel (``lmcore.kernels``), when importable,
+- ``flash_triton``: lmcore's dense FlashAttention-2 kernel (``lmcore.kernels``), when importable,
   and ``sdpa_causal`` (dense causal SDPA) as the dense reference;
 - ``nsa`` against the dense kernel at 8k-32k.
+
+Our implementations carry the names of the attention registry (``block_sparse``, ``nsa``,
+``flash_triton``); ``flex`` and ``sdpa_*`` are PyTorch's.
 
 The implementations of one case are timed on the same inputs, interleaved over ``--rounds``
 rounds (``lmcore.bench.timing``); each is captured as a CUDA graph where possible and replayed back
 to back, so the times are the kernels' and not the host's (the ``timing`` column says which), and
-``ms`` is the median over rounds with ``ms_min``/``ms_max`` its range. Every row of the CSV carries
-the pattern, its block density and the work ratio ``dense causal density / density``.
+``ms`` is the median over rounds with ``ms_min``/``ms_max`` its range. Beside the replays, every
+round also times plain calls back to back, as a user calls the function (host time included where
+it exceeds the kernels'): ``eager_ms``, the median over rounds. Every row of the CSV carries the
+pattern, its block density and the work ratio ``dense causal density / density``.
 ``--out-dir`` writes ``sparse-<gpu>.csv`` and ``sparse-<gpu>.json`` (provenance and summary).
 Without CUDA it reports that and measures nothing.
 """
@@ -33,7 +38,8 @@ import os
 import time
 
 FIELDS = ["method", "pattern", "params", "causal", "seq", "head_dim", "batch", "heads", "block_size",
-          "density", "work_ratio", "pass", "ms", "ms_min", "ms_max", "timing", "peak_mb", "note"]
+          "density", "work_ratio", "pass", "ms", "ms_min", "ms_max", "eager_ms", "timing", "peak_mb", "note"]
+EAGER = " eager"  # suffix of the timer of plain calls beside each implementation's replays
 
 
 def _parse(argv):
@@ -63,7 +69,8 @@ def patterns_for(seq: int, bs: int, quick: bool, short: bool = False) -> list[tu
     cases = [("local", {"window": w(1 / 16)}), ("local", {"window": w(1 / 8)}),
              ("local", {"window": w(1 / 4)}), ("local", {"window": w(1 / 2)}), ("dense", {})]
     if quick:
-        return cases[:2] + [("bigbird", {"window": w(1 / 16), "num_global": bs, "num_random": 2, "seed": 0})]
+        cases = cases[:2] + [("bigbird", {"window": w(1 / 16), "num_global": bs, "num_random": 2, "seed": 0})]
+        return _distinct(cases)
     more = [
         ("mixed", {"window": w(1 / 16), "num_global": 2 * bs}),
         ("bigbird", {"window": w(1 / 16), "num_global": bs, "num_random": 3, "seed": 0}),
@@ -71,7 +78,16 @@ def patterns_for(seq: int, bs: int, quick: bool, short: bool = False) -> list[tu
         ("strided", {"stride": max(bs, seq // 8)}),
         ("dilated", {"span": seq // 2, "dilation": 2}),
     ]
-    return cases + (more[:2] if short else more)
+    return _distinct(cases + (more[:2] if short else more))
+
+
+def _distinct(cases: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """The cases in order, each once (at short lengths two window fractions round to one window)."""
+    out = []
+    for case in cases:
+        if case not in out:
+            out.append(case)
+    return out
 
 
 def _peak_mb(torch, fn) -> float:
@@ -176,8 +192,9 @@ def run(args) -> dict:
 
     def measure(entries, common, pass_names=("fwd", "fwd+bwd")):
         """Time each ``(method, fwd, note)`` of ``entries`` on the same inputs, interleaved over
-        ``--rounds`` rounds (CUDA-graph replays where the call can be captured); record one row per
-        method and pass with the median time and the range. An error is recorded, not raised."""
+        ``--rounds`` rounds (CUDA-graph replays where the call can be captured, and plain calls);
+        record one row per method and pass with the median time and the range, and the median of
+        the plain calls. An error is recorded, not raised."""
         q, k, v, do = common["_inputs"]
         for pname in pass_names:
             timers, here = {}, {}
@@ -191,23 +208,33 @@ def run(args) -> dict:
                         fn = lambda fwd=fwd: torch.autograd.grad(fwd(q, k, v), (q, k, v), do)  # noqa: E731
                     row["peak_mb"] = round(_peak_mb(torch, fn), 1)  # also the warm-up (tuning, compiling)
                     timers[method] = Replay(fn, graph=not args.no_graphs)
+                    if not args.no_graphs:
+                        timers[method + EAGER] = Replay(fn, graph=False)
                     row["timing"] = timers[method].mode
                     if timers[method].error and not args.no_graphs:
                         row["note"] = (note + " " if note else "") + f"not captured: {timers[method].error}"
                 except Exception as err:  # noqa: BLE001 - keep measuring the rest
                     timers.pop(method, None)
+                    timers.pop(method + EAGER, None)
                     row["ms"] = float("nan")
                     row["note"] = (note + " " if note else "") + f"error: {type(err).__name__}: {str(err)[:160]}"
                     torch.cuda.empty_cache()
                 here[method] = row
             try:
-                for method, times in rounds(timers, args.rounds).items():
+                for name, times in rounds(timers, args.rounds).items():
                     st = spread(times)
-                    here[method].update(ms=round(st["median"], 4), ms_min=round(st["min"], 4),
-                                        ms_max=round(st["max"], 4), _rounds=times)
+                    if name.endswith(EAGER):
+                        here[name[:-len(EAGER)]].update(eager_ms=round(st["median"], 4), _eager_rounds=times)
+                        continue
+                    here[name].update(ms=round(st["median"], 4), ms_min=round(st["min"], 4),
+                                      ms_max=round(st["max"], 4), _rounds=times)
+                    if args.no_graphs:  # the plain calls are the measurement itself
+                        here[name].update(eager_ms=round(st["median"], 4), _eager_rounds=times)
             except Exception as err:  # noqa: BLE001
-                for method in timers:
-                    here[method].update(ms=float("nan"), note=f"error: {type(err).__name__}: {str(err)[:160]}")
+                for name in timers:
+                    if not name.endswith(EAGER):
+                        here[name].update(ms=float("nan"),
+                                          note=f"error: {type(err).__name__}: {str(err)[:160]}")
             for t in timers.values():
                 t.close()
             del timers
@@ -231,7 +258,7 @@ def run(args) -> dict:
             ref = dict(base, pattern="dense", params="{}", density=round(dense_density, 4), work_ratio=1.0)
             dense = [("sdpa_causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "")]
             if flash_attention is not None:
-                dense.insert(0, ("flash_dense", lambda q, k, v: flash_attention(q, k, v, causal=True), ""))
+                dense.insert(0, ("flash_triton", lambda q, k, v: flash_attention(q, k, v, causal=True), ""))
             measure(dense, ref)
             for name, params in patterns_for(seq, bs, quick, short):
                 layout = make_layout(name, seq, bs, causal=True, **params).to("cuda")
@@ -285,7 +312,7 @@ def run(args) -> dict:
         dense = [("sdpa_causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                   "nsa reference")]
         if flash_attention is not None:
-            dense.insert(0, ("flash_dense", lambda q, k, v: flash_attention(q, k, v, causal=True), "nsa reference"))
+            dense.insert(0, ("flash_triton", lambda q, k, v: flash_attention(q, k, v, causal=True), "nsa reference"))
         measure(dense, ref)
         write_partial()
         del q, k, v, do
@@ -295,20 +322,22 @@ def run(args) -> dict:
 
     graphs = torch._dynamo.utils.counters["stats"].get("unique_graphs", None)
     summary = summarize(rows)
-    meta = {"provenance": prov, "gpu": gpu, "flash_dense_available": flash_attention is not None,
-            "flash_dense_error": flash_error, "truncated": truncated, "seconds": round(time.time() - started, 1),
+    meta = {"provenance": prov, "gpu": gpu, "flash_triton_available": flash_attention is not None,
+            "flash_triton_error": flash_error, "truncated": truncated, "seconds": round(time.time() - started, 1),
             "dynamo_unique_graphs": graphs, "block_sparse_tiles": autotune_choices(),
             "summary": summary}
     paths = _write(args.out_dir, gpu, rows, meta) if args.out_dir else {}
     return {"metrics": summary, "provenance": prov, "files": paths, "truncated": truncated,
-            "flash_dense_available": flash_attention is not None}
+            "flash_triton_available": flash_attention is not None}
 
 
 def summarize(rows: list[dict]) -> dict:
     """Ratios within the run: ours vs FlexAttention, and vs the dense kernel against the work ratio.
 
     ``vs_flex`` divides the two medians over rounds; where the rows keep their rounds
-    (``_rounds``), ``vs_flex_min`` and ``vs_flex_max`` give the range of the round-by-round ratio."""
+    (``_rounds``), ``vs_flex_min`` and ``vs_flex_max`` give the range of the round-by-round ratio.
+    Where plain calls were timed too: ``eager_over_graph`` (plain calls / replays of our kernel: the
+    host's share) and ``vs_flex_eager`` (FlexAttention's plain calls / ours)."""
     from lmcore.bench.timing import ratio_spread
 
     def find(method, key, p):
@@ -322,7 +351,7 @@ def summarize(rows: list[dict]) -> dict:
         return r["ms"] if r else None
 
     def dense_ms(seq, hd, p):
-        for method in ("flash_dense", "sdpa_causal"):
+        for method in ("flash_triton", "sdpa_causal"):
             for r in rows:
                 if (r["method"], r["pattern"], r["seq"], r["head_dim"], r["pass"]) == (method, "dense", seq, hd, p) \
                         and r.get("note", "") == "" and _ok(r["ms"]):
@@ -346,6 +375,12 @@ def summarize(rows: list[dict]) -> dict:
         if theirs and len(theirs) == len(r.get("_rounds") or ()):  # the ratio round by round
             st = ratio_spread(theirs, r["_rounds"])
             case["vs_flex_min"], case["vs_flex_max"] = round(st["min"], 3), round(st["max"], 3)
+        if _ok(r.get("eager_ms")):
+            case["eager_ms"] = r["eager_ms"]
+            case["eager_over_graph"] = round(r["eager_ms"] / r["ms"], 3)
+            flex_eager = (find("flex", key, r["pass"]) or {}).get("eager_ms")
+            if _ok(flex_eager):
+                case["vs_flex_eager"] = round(flex_eager / r["eager_ms"], 3)
         cases.append(case)
     vs_flex = [c["vs_flex"] for c in cases if c["vs_flex"] is not None]
     target = [c for c in cases if c["seq"] >= 16384 and c["density"] >= 0.10 and c.get("vs_dense_over_work") is not None
@@ -361,6 +396,15 @@ def summarize(rows: list[dict]) -> dict:
         if tw:
             out[f"vs_dense_over_work_{p}_min"] = min(tw)
             out[f"vs_dense_over_work_{p}_at_least_0.7"] = f"{sum(x >= 0.7 for x in tw)}/{len(tw)}"
+        eo = [c["eager_over_graph"] for c in cases
+              if c["pass"] == p and c["seq"] >= 8192 and "eager_over_graph" in c]
+        if eo:  # the target: plain calls within 10% of the replays from 8k tokens up
+            out[f"eager_over_graph_{p}_max_8k_up"] = max(eo)
+            out[f"eager_over_graph_{p}_at_most_1.1_8k_up"] = f"{sum(x <= 1.1 for x in eo)}/{len(eo)}"
+        fe = [c["vs_flex_eager"] for c in cases if c["pass"] == p and "vs_flex_eager" in c]
+        if fe:
+            out[f"vs_flex_eager_{p}_min"] = min(fe)
+            out[f"vs_flex_eager_{p}_at_least_1"] = f"{sum(x >= 1.0 for x in fe)}/{len(fe)}"
     if vs_flex:
         out["vs_flex_all_min"] = min(vs_flex)
     nsa = []
@@ -368,7 +412,7 @@ def summarize(rows: list[dict]) -> dict:
         if r["method"] != "nsa" or not _ok(r["ms"]):
             continue
         for ref in rows:
-            if ref["method"] in ("flash_dense", "sdpa_causal") and ref.get("note") == "nsa reference" \
+            if ref["method"] in ("flash_triton", "sdpa_causal") and ref.get("note") == "nsa reference" \
                     and (ref["seq"], ref["pass"]) == (r["seq"], r["pass"]) and _ok(ref["ms"]):
                 nsa.append({"seq": r["seq"], "pass": r["pass"], "ms": r["ms"], "dense": ref["method"],
                             "dense_ms": ref["ms"], "speedup": round(ref["ms"] / r["ms"], 3)})

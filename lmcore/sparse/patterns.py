@@ -62,12 +62,12 @@ class BlockLayout:
         if self.blocks.dim() not in (2, 3, 4) or tuple(self.blocks.shape[-2:]) != (n, n):
             raise ValueError(f"layout blocks have shape {tuple(self.blocks.shape)}; expected (..., {n}, {n}) "
                              f"for seq_len={self.seq_len} and block_size={self.block_size}")
-        if self.partial is None:
+        if self.partial is None:  # no partial blocks (and no read-back of a GPU tensor to check them)
             self.partial = torch.zeros_like(self.blocks)
-        if self.partial.shape != self.blocks.shape or self.partial.dtype != torch.bool:
+        elif self.partial.shape != self.blocks.shape or self.partial.dtype != torch.bool:
             raise ValueError(f"partial has shape {tuple(self.partial.shape)} {self.partial.dtype}; "
                              f"expected bool {tuple(self.blocks.shape)}")
-        if self.partial.any() and self.window < 1:
+        elif self.window < 1 and bool(self.partial.any()):
             raise ValueError(f"window={self.window}: partial blocks need a window >= 1")
         if self.causal:  # drop blocks entirely above the diagonal
             tri = torch.ones(n, n, dtype=torch.bool, device=self.blocks.device).tril()

@@ -9,6 +9,8 @@ machines are shared and noisy; tests never assert on wall time.
 
 from __future__ import annotations
 
+from lmcore.results import gpu_slug  # noqa: F401 - the one device slug of every benchmark's file names
+
 BENCHMARKS = {
     "bpe": "byte-level BPE training and encoding against HF tokenizers and tiktoken",
     "train": "training throughput and MFU against a torch.nn baseline",
@@ -17,14 +19,6 @@ BENCHMARKS = {
     "ddp": "data-parallel wrappers against torch DDP",
     "profile": "what limits the FlashAttention kernels: tile candidates with their resources, Nsight Compute",
 }
-
-
-def gpu_slug(name: str) -> str:
-    """A GPU's name as recorded files name it: ``"NVIDIA H100 80GB HBM3"`` -> ``"h100"``."""
-    import re
-
-    m = re.search(r"\b([A-Za-z]{1,3}\d{2,4}[A-Za-z]?)\b", name)
-    return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu").lower()
 
 
 def provenance(command: str | None = None) -> dict:

@@ -549,7 +549,7 @@ def _read_partial(partial_dir: str, world: int) -> list[dict]:
 def main(argv: list[str]) -> dict:
     from lmcore.bench import provenance
     from lmcore.distributed import RankFailedError, launch
-    from lmcore.results import gpu_slug
+    from lmcore.bench import gpu_slug
     from lmcore.utils import atomic_write
 
     args = parse_args(argv)

@@ -425,7 +425,7 @@ def _ok(x) -> bool:
 
 
 def _write(out_dir: str, gpu: str, rows: list[dict], meta: dict) -> dict:
-    from lmcore.results import gpu_slug
+    from lmcore.bench import gpu_slug
     from lmcore.utils import atomic_write
 
     os.makedirs(out_dir, exist_ok=True)

@@ -242,7 +242,7 @@ def write_results(result: dict, out_dir: str) -> dict:
     import json
     import os
 
-    from lmcore.results import gpu_slug
+    from lmcore.bench import gpu_slug
     from lmcore.utils import atomic_write
 
     os.makedirs(out_dir, exist_ok=True)

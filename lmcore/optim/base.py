@@ -1,0 +1,71 @@
+"""What every optimizer of :mod:`lmcore.optim` shares: hyperparameter checks and the Adam update.
+
+Adam with decoupled weight decay, the update the others build on (AdamW, Loshchilov and Hutter)::
+
+    p <- p (1 - lr wd)
+    m <- beta1 m + (1 - beta1) g
+    v <- beta2 v + (1 - beta2) g^2
+    p <- p - lr / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) + eps)
+
+written in the order of ``lmcore.train.optim.AdamW`` (and ``torch.optim.AdamW``), so that an
+optimizer falling back to Adam for some parameter steps exactly as AdamW would.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check(owner: str, name: str, value, low: float, high: float = math.inf, *, low_open: bool = False,
+          high_open: bool = False, integer: bool = False) -> None:
+    """Refuse a hyperparameter outside its range, in one line naming it and the allowed range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open else "]")
+        raise ValueError(f"{owner}: {name}={value!r} is out of range; expected {kind} in {lo}, {hi}")
+
+
+def check_betas(owner: str, betas, name: str = "betas") -> tuple[float, float]:
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"{owner}: {name}={betas!r}; expected two numbers (beta1, beta2), each in [0, 1)")
+    for b in betas:
+        check(owner, name, b, 0.0, 1.0, high_open=True)
+    return float(betas[0]), float(betas[1])
+
+
+def adam_direction(m: torch.Tensor, v: torch.Tensor, step: int, beta1: float, beta2: float,
+                   eps: float) -> torch.Tensor:
+    """``m_hat / (sqrt(v_hat) + eps)``: the bias-corrected Adam direction (a new tensor)."""
+    denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+    return (m / (1 - beta1 ** step)).div_(denom)
+
+
+def adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, step: int, lr: float,
+           beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """One AdamW update of ``p`` (and its moments ``m``, ``v``) in place."""
+    p.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+    p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
+
+
+def adam_group_defaults(owner: str, lr: float, betas, eps: float, weight_decay: float) -> dict:
+    """The checked hyperparameters every optimizer here takes."""
+    check(owner, "lr", lr, 0.0)
+    beta1, beta2 = check_betas(owner, betas)
+    check(owner, "eps", eps, 0.0, low_open=True)
+    check(owner, "weight_decay", weight_decay, 0.0)
+    return dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+
+
+def as_matrix(x: torch.Tensor) -> torch.Tensor:
+    """A parameter seen as a matrix: (first dimension, everything else)."""
+    return x.reshape(x.shape[0], -1)

@@ -69,3 +69,22 @@ def adam_group_defaults(owner: str, lr: float, betas, eps: float, weight_decay: 
 def as_matrix(x: torch.Tensor) -> torch.Tensor:
     """A parameter seen as a matrix: (first dimension, everything else)."""
     return x.reshape(x.shape[0], -1)
+
+
+class KeepsStateDtypes:
+    """``load_state_dict`` that keeps each state tensor's saved dtype.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every state tensor of a floating-point
+    parameter to the parameter's dtype, which would turn 8-bit codes into floats (and float32
+    factors of a bfloat16 weight into bfloat16): a resumed run would no longer be the same run.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, entries in saved.items():
+            state = self.state.get(params[index])
+            for key, value in entries.items():
+                if state is not None and torch.is_tensor(value) and state[key].dtype != value.dtype:
+                    state[key] = state[key].to(value.dtype)

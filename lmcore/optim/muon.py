@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from lmcore.optim.base import adamw_, as_matrix, check, check_betas
+from lmcore.optim.base import KeepsStateDtypes, adamw_, as_matrix, check, check_betas
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 SCALES = ("rms", "spectral")
@@ -53,7 +53,7 @@ def update_scale(m: int, n: int, scale: str) -> float:
     return max(1.0, m / n) ** 0.5 if scale == "spectral" else 0.2 * max(m, n) ** 0.5
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(KeepsStateDtypes, torch.optim.Optimizer):
     """``Muon(params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0, scale="rms",
     adam_lr_ratio=1.0, adam_betas=(0.9, 0.95), adam_eps=1e-8, ns_dtype=None)``.
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from lmcore.optim.base import adam_direction, adam_group_defaults, as_matrix, check
+from lmcore.optim.base import KeepsStateDtypes, adam_direction, adam_group_defaults, as_matrix, check
 
 
 def inverse_root(factor: torch.Tensor, root: int, eps: float) -> torch.Tensor:
@@ -34,7 +34,7 @@ def inverse_root(factor: torch.Tensor, root: int, eps: float) -> torch.Tensor:
     return (q * lam.pow(-1.0 / root)) @ q.T
 
 
-class Shampoo(torch.optim.Optimizer):
+class Shampoo(KeepsStateDtypes, torch.optim.Optimizer):
     """``Shampoo(params, lr, betas, eps, weight_decay, precondition_frequency=10, max_precond_dim=4096,
     root=4, matrix_eps=1e-12)``; ``betas[1]`` also decays the factors."""
 

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import torch
 
-from lmcore.optim.base import adam_group_defaults, as_matrix, check
+from lmcore.optim.base import KeepsStateDtypes, adam_group_defaults, as_matrix, check
 
 SIDES = ("left", "right")
 
 
-class SOAP(torch.optim.Optimizer):
+class SOAP(KeepsStateDtypes, torch.optim.Optimizer):
     """``SOAP(params, lr, betas, eps, weight_decay, precondition_frequency=10, max_precond_dim=4096,
     shampoo_beta=None)``; ``shampoo_beta`` decays the factors (default: ``betas[1]``)."""
 

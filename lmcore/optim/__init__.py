@@ -7,7 +7,7 @@ for Muon, AdamW on the embedding, the head and the 1-D parameters).
 """
 
 from lmcore.optim.adamw8bit import AdamW8bit
-from lmcore.optim.factory import OPTIMIZERS, make_optimizer, optimizer_spec, param_roles
+from lmcore.optim.factory import OPTIMIZERS, check_settings, make_optimizer, optimizer_spec, param_roles
 from lmcore.optim.memory import state_bytes, state_bytes_formula
 from lmcore.optim.muon import Muon, newton_schulz
 from lmcore.optim.quantize import QuantizedState, code_book, dequantize, quantize
@@ -16,7 +16,8 @@ from lmcore.optim.soap import SOAP
 from lmcore.optim.soap_lowbit import SOAPLowBit
 
 __all__ = [
-    "OPTIMIZERS", "AdamW8bit", "Muon", "QuantizedState", "SOAP", "SOAPLowBit", "Shampoo", "code_book",
+    "OPTIMIZERS", "AdamW8bit", "Muon", "QuantizedState", "SOAP", "SOAPLowBit", "Shampoo", "check_settings",
+    "code_book",
     "dequantize", "inverse_root", "make_optimizer", "newton_schulz", "optimizer_spec", "param_roles",
     "quantize", "state_bytes", "state_bytes_formula",
 ]

@@ -74,3 +74,9 @@ def make_optimizer(name: str, model_or_params, **hp) -> torch.optim.Optimizer:
     """An optimizer by name (see ``OPTIMIZERS``) over a model's parameters or given groups."""
     cls, groups, kwargs = optimizer_spec(name, model_or_params, **hp)
     return cls(groups, **kwargs)
+
+
+def check_settings(name: str, **hp) -> None:
+    """Refuse an unknown optimizer, an unknown hyperparameter or a value out of range before any
+    work starts (by building the optimizer over one scalar parameter)."""
+    make_optimizer(name, [torch.nn.Parameter(torch.zeros(1))], **hp)

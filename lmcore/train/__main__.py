@@ -9,7 +9,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from lmcore.distributed.wrap import DDP_KINDS
-    from lmcore.train.pipeline import load_config, run
+    from lmcore.train.pipeline import load_config, model_and_train_configs, run
 
     parser = argparse.ArgumentParser(prog="python -m lmcore.train",
                                      description="corpus -> tokenizer -> tokens -> training -> samples")
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.bucket_size_mb={args.bucket_size_mb}")
     try:
         config = load_config(args.config, overrides)
+        model_and_train_configs(config)  # every setting checked (the optimizer's too) before any work
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

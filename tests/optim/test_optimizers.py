@@ -100,3 +100,14 @@ def test_loaded_codes_stay_8_bit(name):
     opt.load_state_dict(opt.state_dict())
     dtypes = {k: v.dtype for s in opt.state.values() for k, v in s.items() if k.endswith("_q")}
     assert dtypes and set(dtypes.values()) == {torch.uint8}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_bytes_formula_equals_the_state_dict(name):
+    from lmcore.optim import state_bytes, state_bytes_formula
+
+    model = tiny_model()
+    opt = make_optimizer(name, model, **HP[name])
+    train_steps(model, opt, 2)
+    options = {k: v for k, v in HP[name].items() if k != "lr" and k != "precondition_frequency"}
+    assert state_bytes(opt) == state_bytes_formula(name, model, **options)

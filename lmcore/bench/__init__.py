@@ -15,6 +15,7 @@ BENCHMARKS = {
     "attention": "FlashAttention-2 in Triton against torch SDPA backends",
     "sparse": "block-sparse attention against FlexAttention and dense kernels",
     "ddp": "data-parallel wrappers against torch DDP",
+    "optim": "optimizer step, training step and state memory of lmcore.optim against torch fused AdamW",
 }
 
 

@@ -55,10 +55,12 @@ def build_optimizers(model, device, names=NAMES, lr: float = 1e-3, frequency: in
         [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
          {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
         lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")}
-    extra = {"shampoo": dict(precondition_frequency=frequency), "soap": dict(precondition_frequency=frequency),
+    extra = {"shampoo": dict(precondition_frequency=frequency),
+             "soap": dict(precondition_frequency=frequency),
              "soap-lowbit": dict(precondition_frequency=frequency)}
     for name in names:
-        opts[name] = make_optimizer(name, model, lr=lr, betas=(0.9, 0.95), weight_decay=0.1, **extra.get(name, {}))
+        opts[name] = make_optimizer(name, model, lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
+                                    **extra.get(name, {}))
     try:
         import muon
 
@@ -117,7 +119,8 @@ def bench_steps(config: ModelConfig, device, n_rounds: int, frequency: int, batc
 
     for opt in opts.values():
         train_step(opt)()
-    train_ms = rounds({name: _timer(train_step(opt), device, frequency) for name, opt in opts.items()}, n_rounds)
+    train_ms = rounds({name: _timer(train_step(opt), device, frequency) for name, opt in opts.items()},
+                      n_rounds)
     base = "torch-fused-adamw"
     out = {"parameters": model.num_parameters(), "batch": batch, "context": config.context_length,
            "precondition_frequency": frequency, "rounds": n_rounds,
@@ -137,7 +140,8 @@ def bench_steps(config: ModelConfig, device, n_rounds: int, frequency: int, batc
         "shampoo_train_vs_adamw": med(out["train_vs_adamw"], "shampoo"),
     }
     if "reference-muon" in step_ms:
-        metrics["muon_speedup_vs_reference"] = ratio_spread(step_ms["reference-muon"], step_ms["muon"])["median"]
+        metrics["muon_speedup_vs_reference"] = ratio_spread(step_ms["reference-muon"],
+                                                            step_ms["muon"])["median"]
     else:
         out["note"] = "the muon-optimizer package is not importable: the reference Muon was skipped"
     out["metrics"] = metrics
@@ -180,19 +184,22 @@ def one_run(name: str, lr: float, tokens: int, data: dict, model_config: ModelCo
     tokens_per_iter = batch * model_config.context_length
     iters = max(2, tokens // tokens_per_iter)
     options = {"precondition_frequency": 10} if name in ("shampoo", "soap", "soap-lowbit") else {}
-    cfg = TrainConfig(batch_size=batch, max_iters=iters, lr=lr, min_lr=lr / 10, warmup_iters=max(1, iters // 20),
-                      eval_interval=max(1, iters // evals), eval_iters=10 if device != "cpu" else 2,
-                      log_interval=max(1, iters // (4 * evals)), device=device, compile=compile_, progress=False,
-                      optimizer=name, optimizer_options=options)
+    cfg = TrainConfig(batch_size=batch, max_iters=iters, lr=lr, min_lr=lr / 10,
+                      warmup_iters=max(1, iters // 20), eval_interval=max(1, iters // evals),
+                      eval_iters=10 if device != "cpu" else 2, log_interval=max(1, iters // (4 * evals)),
+                      device=device, compile=compile_, progress=False, optimizer=name,
+                      optimizer_options=options)
     t0 = time.perf_counter()
     result = train(model_config, cfg, load_tokens(data["train.npy"]), load_tokens(data["val.npy"]))
     clock = dict(_wall_clock(result.history, tokens_per_iter))
     curve = [{"iter": r["iter"], "tokens": r["iter"] * tokens_per_iter, "val_loss": r["val_loss"],
-              "seconds": clock.get(r["iter"], max([s for i, s in clock.items() if i <= r["iter"]], default=0.0))}
+              "seconds": clock.get(r["iter"], max([s for i, s in clock.items() if i <= r["iter"]],
+                                                  default=0.0))}
              for r in result.history if "val_loss" in r]
     train_curve = [{"iter": r["iter"], "loss": r["loss"]} for r in result.history if "loss" in r]
     memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    return {"optimizer": name, "lr": lr, "tokens": iters * tokens_per_iter, "iterations": iters, "batch": batch,
+    return {"optimizer": name, "lr": lr, "tokens": iters * tokens_per_iter, "iterations": iters,
+            "batch": batch,
             "final_val_loss": result.final_val_loss, "val_curve": curve, "train_curve": train_curve,
             "state_bytes": state_bytes(result.optimizer), "peak_memory_bytes": memory,
             "seconds_total": time.perf_counter() - t0, "optimizer_options": options}
@@ -218,7 +225,8 @@ def summarize(runs: list[dict]) -> dict:
             "final_val_loss": r["final_val_loss"], "minus_adamw": r["final_val_loss"] - target,
             "steps_to_adamw_loss": reach["iter"] if reach else None,
             "steps_fraction_of_adamw": reach["iter"] / base["iter"] if reach else None,
-            "seconds_fraction_of_adamw": reach["seconds"] / base["seconds"] if reach and base["seconds"] else None,
+            "seconds_fraction_of_adamw": (reach["seconds"] / base["seconds"]
+                                          if reach and base["seconds"] else None),
             "state_bytes": r["state_bytes"]}
     return out
 
@@ -239,27 +247,31 @@ def compare(args, prov: dict) -> dict:
         with open(args.results, encoding="utf-8") as f:
             payload = json.load(f)
     payload.setdefault("settings", {})
-    data_dir = args.data_dir or os.path.join(os.path.dirname(os.path.abspath(args.results)) or ".", "optim-data")
+    data_dir = args.data_dir or os.path.join(os.path.dirname(os.path.abspath(args.results)) or ".",
+                                             "optim-data")
     data = prepare_corpus(data_dir, args.corpus, args.corpus_bytes, args.vocab_size)
     from lmcore.train import load_tokens
 
     model_config = (ModelConfig.preset("tiny", vocab_size=max(args.vocab_size, 512)) if args.quick
                     else ModelConfig.preset(args.model))
-    payload["settings"].update(command=prov.get("command"), corpus=args.corpus, corpus_bytes=args.corpus_bytes, vocab_size=args.vocab_size,
+    payload["settings"].update(command=prov.get("command"), corpus=args.corpus,
+                               corpus_bytes=args.corpus_bytes, vocab_size=args.vocab_size,
                                train_tokens=int(len(load_tokens(data["train.npy"]))),
-                               val_tokens=int(len(load_tokens(data["val.npy"]))), model=model_config.to_dict(),
-                               batch=args.batch)
+                               val_tokens=int(len(load_tokens(data["val.npy"]))),
+                               model=model_config.to_dict(), batch=args.batch)
     names = args.optimizers.split(",")
     grid_lrs = [float(v) for v in args.lrs.split(",")]
     best = summarize(payload["runs"])["best_lr"]
-    plan = [("grid", n, lr, args.grid_tokens) for n in names for lr in grid_lrs] if args.phase == "grid" else \
-        [("final", n, best.get(n), args.final_tokens) for n in names]
+    if args.phase == "grid":
+        plan = [("grid", n, lr, args.grid_tokens) for n in names for lr in grid_lrs]
+    else:
+        plan = [("final", n, best.get(n), args.final_tokens) for n in names]
     missing = [n for phase, n, lr, _ in plan if lr is None]
     if missing:
         raise ValueError(f"no grid run of {missing} in {args.results}: run --phase grid first")
     start = time.perf_counter()
     for phase, name, lr, tokens in plan:
-        if any(r["phase"] == phase and r["optimizer"] == name and r["lr"] == lr and r["tokens_asked"] == tokens
+        if any((r["phase"], r["optimizer"], r["lr"], r["tokens_asked"]) == (phase, name, lr, tokens)
                for r in payload["runs"]):
             continue  # done in an earlier call
         if time.perf_counter() - start > args.time_budget:
@@ -285,7 +297,8 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--frequency", type=int, default=10, help="precondition_frequency (steps per timing)")
     p.add_argument("--batch", type=int, default=8, help="sequences per step (speed test: 8; comparison: 16)")
-    p.add_argument("--compare", action="store_true", help="the optimizer comparison instead of the speed test")
+    p.add_argument("--compare", action="store_true",
+                   help="the optimizer comparison instead of the speed test")
     p.add_argument("--results", default="book/results/optim-compare.json", help="comparison results (JSON)")
     p.add_argument("--phase", choices=("grid", "final"), default="grid")
     p.add_argument("--optimizers", default=",".join(NAMES))

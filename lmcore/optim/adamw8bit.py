@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from lmcore.optim.base import KeepsStateDtypes, adam_group_defaults, adamw_, check
+from lmcore.optim.base import KeepsStateDtypes, adam_group_defaults, adamw_, check_range
 from lmcore.optim.quantize import QuantizedState
 
 
@@ -41,10 +41,11 @@ class AdamW8bit(KeepsStateDtypes, torch.optim.Optimizer):
                  weight_decay: float = 0.01, min_8bit_size: int = 4096, block: int = 256,
                  fused: bool | None = None):
         defaults = adam_group_defaults("AdamW8bit", lr, betas, eps, weight_decay)
-        check("AdamW8bit", "min_8bit_size", min_8bit_size, 0, integer=True)
-        check("AdamW8bit", "block", block, 2, 65536, integer=True)
+        check_range("AdamW8bit", "min_8bit_size", min_8bit_size, 0, integer=True)
+        check_range("AdamW8bit", "block", block, 2, 65536, integer=True)
         if block & (block - 1):
-            raise ValueError(f"AdamW8bit: block={block} is out of range; expected a power of two in [2, 65536]")
+            raise ValueError(f"AdamW8bit: block={block} is out of range; "
+                             "expected a power of two in [2, 65536]")
         if fused not in (None, True, False):
             raise ValueError(f"AdamW8bit: fused={fused!r}; expected True, False or None (automatic)")
         super().__init__(params, dict(defaults, min_8bit_size=int(min_8bit_size)))

@@ -18,7 +18,7 @@ import math
 import torch
 
 
-def check(owner: str, name: str, value, low: float, high: float = math.inf, *, low_open: bool = False,
+def check_range(owner: str, name: str, value, low: float, high: float = math.inf, *, low_open: bool = False,
           high_open: bool = False, integer: bool = False) -> None:
     """Refuse a hyperparameter outside its range, in one line naming it and the allowed range."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -36,7 +36,7 @@ def check_betas(owner: str, betas, name: str = "betas") -> tuple[float, float]:
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"{owner}: {name}={betas!r}; expected two numbers (beta1, beta2), each in [0, 1)")
     for b in betas:
-        check(owner, name, b, 0.0, 1.0, high_open=True)
+        check_range(owner, name, b, 0.0, 1.0, high_open=True)
     return float(betas[0]), float(betas[1])
 
 
@@ -59,10 +59,10 @@ def adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *
 
 def adam_group_defaults(owner: str, lr: float, betas, eps: float, weight_decay: float) -> dict:
     """The checked hyperparameters every optimizer here takes."""
-    check(owner, "lr", lr, 0.0)
+    check_range(owner, "lr", lr, 0.0)
     beta1, beta2 = check_betas(owner, betas)
-    check(owner, "eps", eps, 0.0, low_open=True)
-    check(owner, "weight_decay", weight_decay, 0.0)
+    check_range(owner, "eps", eps, 0.0, low_open=True)
+    check_range(owner, "weight_decay", weight_decay, 0.0)
     return dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
 
 

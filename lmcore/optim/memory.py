@@ -48,7 +48,8 @@ def tensor_state_bytes(name: str, shape: tuple, role: str = "hidden", **hp) -> i
         block = o["block"] or (256 if bits == 8 else 128)
         moments = 2 * _quantized(n, bits, block) if len(shape) >= 2 else _quantized(n, bits, block) + \
             _quantized(n, bits, block)
-        bases = sum((_quantized(d * d, 8, o["block"] or 256) if o["quantize_bases"] else 4 * d * d) + 4 * d * d
+        bases = sum((_quantized(d * d, 8, o["block"] or 256)
+                     if o["quantize_bases"] else 4 * d * d) + 4 * d * d
                     for d in sides if d <= o["max_precond_dim"])
         return moments + bases
     if name == "muon":

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from lmcore.optim.base import KeepsStateDtypes, adamw_, as_matrix, check, check_betas
+from lmcore.optim.base import KeepsStateDtypes, adamw_, as_matrix, check_range, check_betas
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 SCALES = ("rms", "spectral")
@@ -61,15 +61,15 @@ class Muon(KeepsStateDtypes, torch.optim.Optimizer):
     Muon and its other parameters AdamW. ``ns_dtype=None`` is bfloat16 on CUDA, float32 elsewhere.
     """
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 weight_decay: float = 0.0, scale: str = "rms", adam_lr_ratio: float = 1.0,
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, weight_decay: float = 0.0, scale: str = "rms", adam_lr_ratio: float = 1.0,
                  adam_betas=(0.9, 0.95), adam_eps: float = 1e-8, ns_dtype: torch.dtype | None = None):
-        check("Muon", "lr", lr, 0.0)
-        check("Muon", "momentum", momentum, 0.0, 1.0, high_open=True)
-        check("Muon", "ns_steps", ns_steps, 1, 100, integer=True)
-        check("Muon", "weight_decay", weight_decay, 0.0)
-        check("Muon", "adam_lr_ratio", adam_lr_ratio, 0.0)
-        check("Muon", "adam_eps", adam_eps, 0.0, low_open=True)
+        check_range("Muon", "lr", lr, 0.0)
+        check_range("Muon", "momentum", momentum, 0.0, 1.0, high_open=True)
+        check_range("Muon", "ns_steps", ns_steps, 1, 100, integer=True)
+        check_range("Muon", "weight_decay", weight_decay, 0.0)
+        check_range("Muon", "adam_lr_ratio", adam_lr_ratio, 0.0)
+        check_range("Muon", "adam_eps", adam_eps, 0.0, low_open=True)
         if scale not in SCALES:
             raise ValueError(f"Muon: scale={scale!r} is out of range; expected one of {SCALES}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=bool(nesterov), ns_steps=int(ns_steps),

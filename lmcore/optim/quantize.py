@@ -70,7 +70,7 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return flat.view(-1, block)
 
 
-def quantize(x: torch.Tensor, code: torch.Tensor, block: int, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, code: torch.Tensor, block: int, bits: int = 8):
     """``(codes, scales)``: uint8 codes (two per byte at 4 bits) and one float32 scale per block."""
     xb = _blocks(x.float(), block)  # (n_blocks, block)
     scale = xb.abs().amax(dim=1)  # (n_blocks,)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from lmcore.optim.base import KeepsStateDtypes, adam_direction, adam_group_defaults, as_matrix, check
+from lmcore.optim.base import KeepsStateDtypes, adam_direction, adam_group_defaults, as_matrix, check_range
 
 
 def inverse_root(factor: torch.Tensor, root: int, eps: float) -> torch.Tensor:
@@ -38,15 +38,16 @@ class Shampoo(KeepsStateDtypes, torch.optim.Optimizer):
     """``Shampoo(params, lr, betas, eps, weight_decay, precondition_frequency=10, max_precond_dim=4096,
     root=4, matrix_eps=1e-12)``; ``betas[1]`` also decays the factors."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                 precondition_frequency: int = 10, max_precond_dim: int = 4096, root: int = 4,
-                 matrix_eps: float = 1e-12):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0, precondition_frequency: int = 10, max_precond_dim: int = 4096,
+                 root: int = 4, matrix_eps: float = 1e-12):
         defaults = adam_group_defaults("Shampoo", lr, betas, eps, weight_decay)
-        check("Shampoo", "precondition_frequency", precondition_frequency, 1, integer=True)
-        check("Shampoo", "max_precond_dim", max_precond_dim, 0, integer=True)
-        check("Shampoo", "root", root, 1, integer=True)
-        check("Shampoo", "matrix_eps", matrix_eps, 0.0, low_open=True)
-        defaults.update(precondition_frequency=int(precondition_frequency), max_precond_dim=int(max_precond_dim),
+        check_range("Shampoo", "precondition_frequency", precondition_frequency, 1, integer=True)
+        check_range("Shampoo", "max_precond_dim", max_precond_dim, 0, integer=True)
+        check_range("Shampoo", "root", root, 1, integer=True)
+        check_range("Shampoo", "matrix_eps", matrix_eps, 0.0, low_open=True)
+        defaults.update(precondition_frequency=int(precondition_frequency),
+                        max_precond_dim=int(max_precond_dim),
                         root=int(root), matrix_eps=matrix_eps)
         super().__init__(params, defaults)
 

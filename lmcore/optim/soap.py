@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from lmcore.optim.base import KeepsStateDtypes, adam_group_defaults, as_matrix, check
+from lmcore.optim.base import KeepsStateDtypes, adam_group_defaults, as_matrix, check_range
 
 SIDES = ("left", "right")
 
@@ -39,14 +39,16 @@ class SOAP(KeepsStateDtypes, torch.optim.Optimizer):
 
     name = "SOAP"
 
-    def __init__(self, params, lr: float = 3e-3, betas=(0.95, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                 precondition_frequency: int = 10, max_precond_dim: int = 4096, shampoo_beta: float | None = None):
+    def __init__(self, params, lr: float = 3e-3, betas=(0.95, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0, precondition_frequency: int = 10, max_precond_dim: int = 4096,
+                 shampoo_beta: float | None = None):
         defaults = adam_group_defaults(self.name, lr, betas, eps, weight_decay)
-        check(self.name, "precondition_frequency", precondition_frequency, 1, integer=True)
-        check(self.name, "max_precond_dim", max_precond_dim, 0, integer=True)
+        check_range(self.name, "precondition_frequency", precondition_frequency, 1, integer=True)
+        check_range(self.name, "max_precond_dim", max_precond_dim, 0, integer=True)
         if shampoo_beta is not None:
-            check(self.name, "shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
-        defaults.update(precondition_frequency=int(precondition_frequency), max_precond_dim=int(max_precond_dim),
+            check_range(self.name, "shampoo_beta", shampoo_beta, 0.0, 1.0, high_open=True)
+        defaults.update(precondition_frequency=int(precondition_frequency),
+                        max_precond_dim=int(max_precond_dim),
                         shampoo_beta=shampoo_beta)
         super().__init__(params, defaults)
 
@@ -108,7 +110,8 @@ class SOAP(KeepsStateDtypes, torch.optim.Optimizer):
                 state["step"] += 1
                 t = state["step"]
                 G = as_matrix(p.grad).float() if p.ndim >= 2 else p.grad.float()
-                m, v, bases = self._load(state, "exp_avg"), self._load(state, "exp_avg_sq"), self._bases(state)
+                m, v, bases = self._load(state, "exp_avg"), self._load(state,
+                                                                       "exp_avg_sq"), self._bases(state)
                 m.lerp_(p.grad.float(), 1 - beta1)
                 v.lerp_(self._rotate(bases, G).square_(), 1 - beta2)
                 M = as_matrix(m) if p.ndim >= 2 else m

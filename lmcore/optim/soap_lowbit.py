@@ -38,10 +38,12 @@ class SOAPLowBit(SOAP):
         self.bits, self.quantize_bases = bits, bool(quantize_bases)
         self.formats = {
             "exp_avg": QuantizedState(bits, signed=True, kind="dynamic", block=block),
-            "exp_avg_sq": QuantizedState(bits, signed=False, kind="dynamic" if bits == 8 else "linear", block=block),
+            "exp_avg_sq": QuantizedState(bits, signed=False, kind="dynamic" if bits == 8 else "linear",
+                                         block=block),
         }
         if self.quantize_bases:
-            self.formats["left_basis"] = self.formats["right_basis"] = QuantizedState(8, signed=True, block=block)
+            self.formats["left_basis"] = self.formats["right_basis"] = QuantizedState(8, signed=True,
+                                                                                      block=block)
 
     def _load(self, state: dict, key: str) -> torch.Tensor:
         if key not in self.formats:

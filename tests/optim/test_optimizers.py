@@ -32,7 +32,8 @@ def test_checkpoint_resume_is_bit_exact(name):
     saved = torch.load(buf, weights_only=True)
     resumed = tiny_model(seed=123)
     resumed.load_state_dict(saved["model"])
-    opt2 = make_optimizer(name, resumed, weight_decay=0.1, **{**HP[name], "lr": 1.0})  # lr comes from the file
+    opt2 = make_optimizer(name, resumed, weight_decay=0.1, **{**HP[name],
+                                                              "lr": 1.0})  # lr comes from the file
     opt2.load_state_dict(saved["opt"])
     train_steps(resumed, opt2, 5, seed=7)
     for (n, a), b in zip(model.named_parameters(), resumed.parameters()):
@@ -43,7 +44,8 @@ def test_checkpoint_resume_is_bit_exact(name):
     ("adamw8bit", dict(lr=-1.0), r"AdamW8bit: lr=-1.0 is out of range; expected a number in \[0, inf\]"),
     ("adamw8bit", dict(betas=(0.9, 1.0)), r"betas=1.0 is out of range; expected a number in \[0, 1\)"),
     ("adamw8bit", dict(block=100), r"block=100 is out of range"),
-    ("shampoo", dict(precondition_frequency=0), r"precondition_frequency=0 is out of range; expected an integer"),
+    ("shampoo", dict(precondition_frequency=0),
+     r"precondition_frequency=0 is out of range; expected an integer"),
     ("shampoo", dict(matrix_eps=0.0), r"matrix_eps=0.0 is out of range; expected a number in \(0, inf\]"),
     ("soap", dict(eps=0), r"SOAP: eps=0 is out of range"),
     ("soap", dict(shampoo_beta=1.5), r"shampoo_beta=1.5 is out of range; expected a number in \[0, 1\)"),

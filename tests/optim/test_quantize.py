@@ -8,8 +8,10 @@ import torch
 from lmcore.optim import QuantizedState, code_book
 
 
-@pytest.mark.parametrize("bits,signed,kind", [(8, True, "dynamic"), (8, False, "dynamic"), (4, True, "dynamic"),
-                                              (4, False, "dynamic"), (4, False, "linear"), (8, False, "linear")])
+@pytest.mark.parametrize("bits,signed,kind", [(8, True, "dynamic"), (8, False, "dynamic"), (4, True,
+                                                                                            "dynamic"),
+                                              (4, False, "dynamic"), (4, False, "linear"), (8, False,
+                                                                                            "linear")])
 def test_code_books_are_sorted_and_fit_the_bits(bits, signed, kind):
     code = code_book(bits, signed, kind)
     assert torch.all(code[1:] > code[:-1])
@@ -19,7 +21,8 @@ def test_code_books_are_sorted_and_fit_the_bits(bits, signed, kind):
         assert code.min() > 0  # no zero: a second moment is never rounded to nothing
 
 
-@pytest.mark.parametrize("bits,signed,kind", [(8, True, "dynamic"), (8, False, "dynamic"), (4, True, "dynamic"),
+@pytest.mark.parametrize("bits,signed,kind", [(8, True, "dynamic"), (8, False, "dynamic"), (4, True,
+                                                                                            "dynamic"),
                                               (4, False, "linear")])
 @pytest.mark.parametrize("shape", [(37,), (300, 7), (128, 64)])
 def test_error_is_bounded_by_half_a_gap_times_the_block_scale(bits, signed, kind, shape):

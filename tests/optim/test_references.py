@@ -56,9 +56,9 @@ def test_newton_schulz_batched_equals_one_by_one():
 def test_muon_matches_the_reference_single_device_muon():
     muon = pytest.importorskip("muon")
     ours, theirs = params(), params()
-    opt = Muon([{"params": ours[:3], "use_muon": True}, {"params": ours[3:], "use_muon": False}], lr=0.02,
-               momentum=0.95, weight_decay=0.1, scale="spectral", adam_lr_ratio=3e-4 / 0.02, adam_betas=(0.9, 0.95),
-               adam_eps=1e-10, ns_dtype=torch.bfloat16)
+    opt = Muon([{"params": ours[:3], "use_muon": True}, {"params": ours[3:], "use_muon": False}],
+               lr=0.02, momentum=0.95, weight_decay=0.1, scale="spectral", adam_lr_ratio=3e-4 / 0.02,
+               adam_betas=(0.9, 0.95), adam_eps=1e-10, ns_dtype=torch.bfloat16)
     ref = muon.SingleDeviceMuonWithAuxAdam([
         dict(params=theirs[:3], use_muon=True, lr=0.02, momentum=0.95, weight_decay=0.1),
         dict(params=theirs[3:], use_muon=False, lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.1)])
@@ -120,7 +120,8 @@ def test_soap_bases_are_orthogonal_eigenvectors_of_the_factors():
             rotated = q.T @ factor @ q  # closer to diagonal in the basis than in the standard one
             off = lambda a: (a - torch.diag(a.diagonal())).norm()  # noqa: E731
             assert off(rotated) < 0.2 * off(factor)
-            assert torch.all(rotated.diagonal()[:-1] >= rotated.diagonal()[1:] * 0.5)  # largest first, roughly
+            diagonal = rotated.diagonal()
+            assert torch.all(diagonal[:-1] >= diagonal[1:] * 0.5)  # largest first, roughly
 
 
 # -- Shampoo -----------------------------------------------------------------------------------------
@@ -192,7 +193,8 @@ def test_adamw8bit_keeps_small_and_1d_parameters_in_float32():
     assert opt.state[small]["exp_avg"].dtype == torch.float32 and "exp_avg" in opt.state[vec]
 
 
-@pytest.mark.skipif(not _interpreting() and not torch.cuda.is_available(), reason="needs TRITON_INTERPRET=1 or CUDA")
+@pytest.mark.skipif(not _interpreting() and not torch.cuda.is_available(),
+                    reason="needs TRITON_INTERPRET=1 or CUDA")
 def test_fused_kernel_matches_the_torch_path():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = [(100, 70)]  # 7000 values: the last block of 256 is partly padding

@@ -17,7 +17,8 @@ OPTIONS = {name: {k: v for k, v in hp.items() if k != "lr"} for name, hp in HP.i
 
 
 def cfg(name, **kw):
-    base = dict(batch_size=4, max_iters=8, lr=3e-3, min_lr=3e-4, warmup_iters=2, eval_interval=8, eval_iters=1,
+    base = dict(batch_size=4, max_iters=8, lr=3e-3, min_lr=3e-4, warmup_iters=2, eval_interval=8,
+                eval_iters=1,
                 log_interval=4, device="cpu", progress=False, optimizer=name, optimizer_options=OPTIONS[name])
     return TrainConfig(**{**base, **kw})
 
@@ -35,7 +36,8 @@ def test_training_loop_resumes_bit_identically(tmp_path, name):
 def test_pipeline_optim_settings_reach_the_optimizer():
     config = load_config(None, ["optim.name=soap", "optim.precondition_frequency=7", "train.max_iters=5"])
     _, train_config = model_and_train_configs(config)
-    assert train_config.optimizer == "soap" and train_config.optimizer_options == {"precondition_frequency": 7}
+    assert train_config.optimizer == "soap"
+    assert train_config.optimizer_options == {"precondition_frequency": 7}
     with pytest.raises(ValueError, match="precondition_frequency=0 is out of range"):
         model_and_train_configs(load_config(None, ["optim.name=soap", "optim.precondition_frequency=0"]))
     with pytest.raises(ValueError, match="'muon' has no hyperparameter precondition_frequency"):
@@ -66,8 +68,10 @@ def sharded_vs_single(rank, world, name, steps=4):
         opt.zero_grad()
         ref.step()
         ref.zero_grad()
-    return {"gap": max((p - q).abs().max().item() for p, q in zip(model.parameters(), reference.parameters())),
-            "moved": max((p - q).abs().max().item() for p, q in zip(model.parameters(), tiny_model().parameters())),
+    return {"gap": max((p - q).abs().max().item() for p, q in zip(model.parameters(),
+                                                                  reference.parameters())),
+            "moved": max((p - q).abs().max().item() for p, q in zip(model.parameters(),
+                                                                    tiny_model().parameters())),
             "state": opt.state_bytes()}
 
 

@@ -247,8 +247,7 @@ def compare(args, prov: dict) -> dict:
         with open(args.results, encoding="utf-8") as f:
             payload = json.load(f)
     payload.setdefault("settings", {})
-    data_dir = args.data_dir or os.path.join(os.path.dirname(os.path.abspath(args.results)) or ".",
-                                             "optim-data")
+    data_dir = args.data_dir or os.path.join("runs", "optim-data")
     data = prepare_corpus(data_dir, args.corpus, args.corpus_bytes, args.vocab_size)
     from lmcore.train import load_tokens
 
@@ -278,7 +277,8 @@ def compare(args, prov: dict) -> dict:
             payload["stopped"] = f"time budget of {args.time_budget} s spent; run the same command again"
             break
         run = one_run(name, lr, tokens, data, model_config, args.batch, device, args.evals, args.compile)
-        run.update(phase=phase, tokens_asked=tokens, provenance=prov)
+        run.update(phase=phase, tokens_asked=tokens, provenance=prov,
+                   passes_over_data=run["tokens"] / payload["settings"]["train_tokens"])
         payload["runs"].append(run)
         payload["summary"] = summarize(payload["runs"])
         _save(args.results, payload)  # each run kept as soon as it lands
@@ -296,21 +296,21 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--quick", action="store_true", help="toy sizes on CPU")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--frequency", type=int, default=10, help="precondition_frequency (steps per timing)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step (speed test: 8; comparison: 16)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (speed test: 8; comparison: 16)")
     p.add_argument("--compare", action="store_true",
                    help="the optimizer comparison instead of the speed test")
     p.add_argument("--results", default="book/results/optim-compare.json", help="comparison results (JSON)")
     p.add_argument("--phase", choices=("grid", "final"), default="grid")
     p.add_argument("--optimizers", default=",".join(NAMES))
     p.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="the learning-rate grid")
-    p.add_argument("--grid-tokens", type=int, default=10_000_000)
-    p.add_argument("--final-tokens", type=int, default=50_000_000)
+    p.add_argument("--grid-tokens", type=int, default=5_000_000)
+    p.add_argument("--final-tokens", type=int, default=30_000_000)
     p.add_argument("--evals", type=int, default=20, help="validation evaluations per run")
     p.add_argument("--model", default="gpt2-small-shape")
     p.add_argument("--corpus", default="stdlib-source")
     p.add_argument("--corpus-bytes", type=int, default=None)
     p.add_argument("--vocab-size", type=int, default=16384)
-    p.add_argument("--data-dir", default=None, help="where the token files go (default: beside --results)")
+    p.add_argument("--data-dir", default=None, help="where the token files go (default: runs/optim-data)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in the comparison runs")
     p.add_argument("--time-budget", type=float, default=480.0, help="seconds after which no new run starts")
     args = p.parse_args(argv)
@@ -318,6 +318,7 @@ def main(argv: list[str]) -> dict:
 
     prov = provenance()
     if args.compare:
+        args.batch = args.batch or 16
         return compare(args, prov)
     device = torch.device("cpu") if args.quick or not torch.cuda.is_available() else torch.device("cuda")
     if device.type == "cuda":
@@ -325,7 +326,7 @@ def main(argv: list[str]) -> dict:
     config = ModelConfig.preset("tiny" if args.quick else "gpt2-small-shape", attention_backend="sdpa")
     n_rounds = 2 if args.quick else args.rounds
     frequency = 2 if args.quick else args.frequency
-    batch = 2 if args.quick else args.batch
+    batch = 2 if args.quick else (args.batch or 8)
     result = bench_steps(config, device, n_rounds, frequency, batch)
     return {"provenance": prov, "device": str(device), "model": "tiny" if args.quick else "gpt2-small-shape",
             "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32", **result,

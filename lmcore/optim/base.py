@@ -66,6 +66,16 @@ def adam_group_defaults(owner: str, lr: float, betas, eps: float, weight_decay: 
     return dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
 
 
+def symmetric_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric float32 matrix; when the float32 solver
+    does not converge (it can on a badly conditioned factor), solved again in float64."""
+    try:
+        return torch.linalg.eigh(a)
+    except RuntimeError:  # torch.linalg.LinAlgError
+        lam, q = torch.linalg.eigh(a.double())
+        return lam.to(a.dtype), q.to(a.dtype)
+
+
 def as_matrix(x: torch.Tensor) -> torch.Tensor:
     """A parameter seen as a matrix: (first dimension, everything else)."""
     return x.reshape(x.shape[0], -1)

@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import torch
 
-from lmcore.optim.base import KeepsStateDtypes, adam_direction, adam_group_defaults, as_matrix, check_range
+from lmcore.optim.base import (KeepsStateDtypes, adam_direction, adam_group_defaults, as_matrix, check_range,
+                               symmetric_eigh)
 
 
 def inverse_root(factor: torch.Tensor, root: int, eps: float) -> torch.Tensor:
     """``(factor + eps I)^(-1/root)`` of a symmetric positive semi-definite matrix, in float32."""
     a = factor.float()
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-    lam, q = torch.linalg.eigh(a + eps * eye)  # a is symmetric: real eigenvalues, orthogonal q
+    lam, q = symmetric_eigh(a + eps * eye)  # a is symmetric: real eigenvalues, orthogonal q
     lam = lam.clamp_min(eps)  # rounding can leave tiny negative eigenvalues
     return (q * lam.pow(-1.0 / root)) @ q.T
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from lmcore.optim.base import KeepsStateDtypes, adam_group_defaults, as_matrix, check_range
+from lmcore.optim.base import KeepsStateDtypes, adam_group_defaults, as_matrix, check_range, symmetric_eigh
 
 SIDES = ("left", "right")
 
@@ -86,7 +86,7 @@ class SOAP(KeepsStateDtypes, torch.optim.Optimizer):
             if dim <= group["max_precond_dim"]:
                 state[side] = (G @ G.T if side == "left" else G.T @ G).mul_(1 - beta)  # lerp from zero
                 eye = torch.eye(dim, dtype=torch.float32, device=p.device)
-                _, q = torch.linalg.eigh(state[side] + 1e-30 * eye)
+                _, q = symmetric_eigh(state[side] + 1e-30 * eye)
                 self._save(state, side + "_basis", q.flip(1))  # largest eigenvalue first
         shape = as_matrix(p).shape if p.ndim >= 2 else p.shape
         self._save(state, "exp_avg", torch.zeros_like(p, dtype=torch.float32))

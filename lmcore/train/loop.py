@@ -189,6 +189,9 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
     start = 0
     if resume is not None:
         payload = load_checkpoint(resume)
+        saved_train = payload["config"].get("train", {})  # checkpoints from before optimizers had a name
+        saved_train.setdefault("optimizer", "adamw")
+        saved_train.setdefault("optimizer_options", {})
         keep = lambda c: {**c, "train": {k: v for k, v in c["train"].items() if k not in RESUME_MAY_CHANGE}}  # noqa: E731
         diffs = config_differences(keep(payload["config"]), keep(config))
         if diffs:

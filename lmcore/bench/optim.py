@@ -90,7 +90,8 @@ def _timer(fn, device, k: int):
 def bench_steps(config: ModelConfig, device, n_rounds: int, frequency: int, batch: int) -> dict:
     torch.manual_seed(0)
     model = TransformerLM(config).to(device)
-    opts = build_optimizers(model, device, frequency=frequency)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    opts = build_optimizers(model, device, lr=1e-4, frequency=frequency)
     grads = [torch.randn_like(p) * 1e-3 for p in model.parameters()]
 
     def set_grads():
@@ -105,6 +106,7 @@ def bench_steps(config: ModelConfig, device, n_rounds: int, frequency: int, batc
     step_ms = rounds({name: _timer(opt.step, device, frequency) for name, opt in opts.items()}, n_rounds)
     memory = {name: state_bytes(opt) for name, opt in opts.items()}
 
+    model.load_state_dict(initial)  # the whole-step timing starts from the initial weights
     x = torch.randint(0, config.vocab_size, (batch, config.context_length + 1), device=device)
 
     def train_step(opt):

@@ -121,7 +121,8 @@ def _bytes(dtype: str) -> int:
 
 
 def memory_estimate(config: ModelConfig, batch: int, seq: int | None = None, dtype: str = "bfloat16",
-                    optimizer: str = "adamw", checkpointing: bool = False) -> dict[str, int]:
+                    optimizer: str = "adamw", checkpointing: bool = False,
+                    optimizer_options: dict | None = None) -> dict[str, int]:
     """Peak bytes of one training step: weights, gradients, optimizer state, activations.
 
     Weights are float32 (``dtype`` is the autocast compute type). The peak comes either while
@@ -129,19 +130,24 @@ def memory_estimate(config: ModelConfig, batch: int, seq: int | None = None, dty
     gradients yet) or at the optimizer step (gradients complete, activations freed); the larger
     is ``total``. With ``checkpointing`` each block keeps only its input and one block's
     activations are recomputed at a time.
+
+    ``optimizer`` may also name any optimizer of :mod:`lmcore.optim` (``adamw8bit``, ``shampoo``,
+    ``soap``, ``soap-lowbit``, ``muon``), whose state is counted by ``lmcore.optim.state_bytes_formula``
+    (with ``optimizer_options`` such as ``bits`` or ``max_precond_dim``).
     """
     c = _check(config)
     seq = c.context_length if seq is None else seq
     if seq > c.context_length:
         raise ValueError(f"seq={seq} exceeds context_length={c.context_length}")
     states = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}
-    if optimizer not in states:
-        raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(states)}")
+    if optimizer not in states and optimizer not in OPTIMIZER_STEP_TEMPORARIES:
+        raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(states) + sorted(OPTIMIZER_STEP_TEMPORARIES)}")
     a = _bytes(dtype)
     n, d, V = batch * seq, c.d_model, c.vocab_size
     N = count_params(c)
     matmul_params = N - c.n_layers * 2 * d - d - (0 if c.tie_weights else V * d)  # without norms, input table
-    weights, grads, opt = 4 * N, 4 * N, 4 * N * states[optimizer]
+    weights, grads = 4 * N, 4 * N
+    opt = 4 * N * states[optimizer] if optimizer in states else _state_bytes(c, optimizer, optimizer_options or {})
     layer = sum(activation_bytes_per_layer(c, batch, seq, dtype).values())
     head = 4 * n * d + 4 * n * d + (a * n * d if a == 2 else 0) + 8 * n  # last residual, final norm, head input
     logits = 4 * n * V + 3 * 4 * n * V  # float32 logits saved by the loss + three temporaries of its gradient
@@ -156,13 +162,46 @@ def memory_estimate(config: ModelConfig, batch: int, seq: int | None = None, dty
     else:
         activations = c.n_layers * layer + head + casts
         backward_start = weights + opt + activations + logits
-    optimizer_step = weights + grads + opt + 4 * c.vocab_size * d  # + one temporary of the largest matrix
+    optimizer_step = weights + grads + opt + _step_temporaries(c, optimizer)  # + temporaries of the update
     return {"weights": weights, "gradients": grads, "optimizer": opt, "activations": activations,
             "logits": logits, "total": max(backward_start, optimizer_step)}
 
 
+#: Float32 copies of one parameter alive at once inside an ``lmcore.optim`` step, counted from the code:
+#: dequantized moments and a denominator (adamw8bit), Adam's direction beside the preconditioned one
+#: (shampoo), the rotated gradient, momentum and update (soap; low-bit adds the dequantized moments).
+#: Muon holds its copies for a whole stack of same-shaped matrices (see ``_step_temporaries``).
+OPTIMIZER_STEP_TEMPORARIES = {"adamw8bit": 4, "shampoo": 4, "soap": 4, "soap-lowbit": 6, "muon": 3}
+
+
+def _step_temporaries(c: ModelConfig, optimizer: str) -> int:
+    """Bytes of temporaries at the optimizer step: copies of the largest matrix, or for Muon of the
+    largest stack of same-shaped hidden matrices (updates, their stack, the Newton-Schulz iterate)."""
+    if optimizer != "muon":
+        return OPTIMIZER_STEP_TEMPORARIES.get(optimizer, 1) * 4 * c.vocab_size * c.d_model
+    from lmcore.nn import TransformerLM
+    from lmcore.optim import param_roles
+
+    stacks: dict[tuple, int] = {}
+    for _, p, role in param_roles(TransformerLM(c, device="meta")):
+        if role == "hidden":
+            stacks[tuple(p.shape)] = stacks.get(tuple(p.shape), 0) + p.numel()
+    return OPTIMIZER_STEP_TEMPORARIES["muon"] * 4 * max(stacks.values(), default=0)
+
+
+def _state_bytes(c: ModelConfig, optimizer: str, options: dict) -> int:
+    """Optimizer state by the formulas of ``lmcore.optim.memory``, from a model built on the meta device."""
+    from lmcore.nn import TransformerLM
+    from lmcore.optim import state_bytes_formula
+
+    options = {k: v for k, v in options.items() if k in ("min_8bit_size", "block", "bits", "max_precond_dim",
+                                                        "quantize_bases")}
+    return state_bytes_formula(optimizer, TransformerLM(c, device="meta"), **options)
+
+
 def tracked_peak_memory(config: ModelConfig, batch: int, seq: int | None = None, dtype: str = "bfloat16",
-                        checkpointing: bool = False, device="cpu", seed: int = 0) -> int:
+                        checkpointing: bool = False, device="cpu", seed: int = 0, optimizer: str = "adamw",
+                        optimizer_options: dict | None = None) -> int:
     """Peak bytes of live tensors during one training step (the second; the first creates the
     optimizer state), tracked tensor by tensor with torch's ``MemTracker``. Works on CPU, where
     there is no allocator statistic like ``torch.cuda.max_memory_allocated``.
@@ -181,7 +220,7 @@ def tracked_peak_memory(config: ModelConfig, batch: int, seq: int | None = None,
     torch.manual_seed(seed)
     model = TransformerLM(c).to(device)
     model.activation_checkpointing = checkpointing
-    opt = configure_optimizer(model, TrainConfig())
+    opt = configure_optimizer(model, TrainConfig(optimizer=optimizer, optimizer_options=optimizer_options or {}))
     x = torch.randint(0, c.vocab_size, (batch, seq + 1), device=device)
 
     def step():

@@ -18,6 +18,7 @@ BENCHMARKS = {
     "sparse": "block-sparse attention against FlexAttention and dense kernels",
     "ddp": "data-parallel wrappers against torch DDP",
     "profile": "what limits the FlashAttention kernels: tile candidates with their resources, Nsight Compute",
+    "optim": "optimizer step, training step and state memory of lmcore.optim against torch fused AdamW",
 }
 
 

@@ -1,17 +1,17 @@
 """Corpora and token files (chapter 1; the training chapter adds batching).
 
-- :func:`load_corpus`: the built-in generated stories, Python's docstrings, a local file, or
+- :func:`load_corpus`: the built-in generated stories, Python's docstrings or sources, a local file, or
   TinyStories / WikiText-2 through ``datasets``.
 - :func:`tokenize_to_npy`: a text file -> a ``uint16``/``uint32`` ``.npy`` of token ids, in parallel.
 
 Command line: ``python -m lmcore.data generate|tokenize`` (``--help`` for each).
 """
 
-from lmcore.data.corpus import HUB_CORPORA, load_corpus, stdlib_docstrings
+from lmcore.data.corpus import HUB_CORPORA, load_corpus, stdlib_docstrings, stdlib_sources
 from lmcore.data.stories import END_OF_TEXT, builtin_corpus, iter_stories
 from lmcore.data.tokenize import dtype_for, tokenize_to_npy
 
-__all__ = ["load_corpus", "stdlib_docstrings", "builtin_corpus", "iter_stories", "END_OF_TEXT",
+__all__ = ["load_corpus", "stdlib_docstrings", "stdlib_sources", "builtin_corpus", "iter_stories", "END_OF_TEXT",
            "HUB_CORPORA", "tokenize_to_npy", "dtype_for", "write_corpus"]
 
 

@@ -61,6 +61,8 @@ class TrainConfig:
     ddp: str = "none"  # data parallelism over the ranks torchrun started: none/naive/overlapped/bucketed/torch
     bucket_size_mb: float = 25.0  # bucket size of ddp="bucketed" and ddp="torch"
     sharded_optimizer: bool = False  # ZeRO-1: each rank keeps optimizer state for its shard only
+    optimizer: str = "adamw"  # a name from lmcore.optim.OPTIMIZERS (adamw, adamw8bit, shampoo, soap, muon...)
+    optimizer_options: dict = field(default_factory=dict)  # its other hyperparameters, e.g. precondition_frequency
 
     def __post_init__(self):
         for name in ("batch_size", "grad_accum", "max_iters", "eval_iters", "log_interval", "eval_interval"):
@@ -81,6 +83,12 @@ class TrainConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr} is above lr={self.lr}; the schedule decays from lr "
                              "down to min_lr, so expected min_lr <= lr")
+        if not isinstance(self.optimizer_options, dict):
+            raise ValueError(f"TrainConfig.optimizer_options={self.optimizer_options!r} must be a mapping")
+        from lmcore.optim import check_settings
+
+        check_settings(self.optimizer, lr=self.lr, betas=(self.beta1, self.beta2), eps=self.eps,
+                       weight_decay=self.weight_decay, **self.optimizer_options)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,7 +109,20 @@ class TrainResult:
 
 
 def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, sharded: bool = False):
-    """AdamW with weight decay on matrices only (norm gains are not decayed); ZeRO-1 sharded if asked."""
+    """AdamW with weight decay on matrices only (norm gains are not decayed); ZeRO-1 sharded if asked.
+
+    ``cfg.optimizer`` other than ``"adamw"`` builds that optimizer of :mod:`lmcore.optim` instead.
+    """
+    if cfg.optimizer != "adamw" or cfg.optimizer_options:
+        from lmcore.optim import optimizer_spec
+
+        cls, groups, kwargs = optimizer_spec(cfg.optimizer, model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                             eps=cfg.eps, weight_decay=cfg.weight_decay, **cfg.optimizer_options)
+        if sharded:
+            from lmcore.distributed import ShardedOptimizer
+
+            return ShardedOptimizer(groups, cls, **kwargs)
+        return cls(groups, **kwargs)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     other = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
@@ -179,6 +200,9 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
     start = 0
     if resume is not None:
         payload = load_checkpoint(resume)
+        saved_train = payload["config"].get("train", {})  # checkpoints from before optimizers had a name
+        saved_train.setdefault("optimizer", "adamw")
+        saved_train.setdefault("optimizer_options", {})
         keep = lambda c: {**c, "train": {k: v for k, v in c["train"].items() if k not in RESUME_MAY_CHANGE}}  # noqa: E731
         diffs = config_differences(keep(payload["config"]), keep(config))
         if diffs:

@@ -9,6 +9,7 @@ A config is a YAML mapping (see ``lmcore/train/configs/stories-tiny.yaml``)::
     vocab_size: 1024
     model: {preset: tiny, context_length: 128}
     train: {max_iters: 300, batch_size: 16}
+    optim: {name: soap, precondition_frequency: 10}   # lmcore.optim; default adamw
     sample: {prompt: "Once upon a time", max_new_tokens: 80, temperature: 0.8, top_p: 0.95}
 
 ``--set train.lr=1e-3`` (dotted keys, YAML values) overrides any entry.
@@ -53,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "model": {"preset": "tiny"},
     "train": {},
+    "optim": {"name": "adamw"},  # name: a name from lmcore.optim.OPTIMIZERS; other keys: its hyperparameters
     "sample": {"prompt": "Once upon a time", "max_new_tokens": 80, "temperature": 0.8, "top_p": 0.95,
                "num_samples": 2},
 }
@@ -127,7 +129,9 @@ def model_and_train_configs(config: dict, vocab_size: int | None = None):
     unknown = sorted(set(config["train"]) - train_fields)
     if unknown:
         raise ValueError(f"unknown train setting(s) {unknown}; expected some of {sorted(train_fields)}")
-    train = {"out_dir": config["out_dir"], "seed": config["seed"], **config["train"]}
+    optim = dict(config.get("optim") or {})
+    train = {"out_dir": config["out_dir"], "seed": config["seed"], "optimizer": optim.pop("name", "adamw"),
+             "optimizer_options": optim, **config["train"]}
     return model_config, TrainConfig(**train)
 
 

@@ -64,3 +64,32 @@ def test_memory_estimate_parts_and_errors():
         memory_estimate(config, 8, 1024, dtype="int4")
     with pytest.raises(ValueError, match="exceeds context_length"):
         memory_estimate(config, 8, 4096)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "shampoo", "soap", "soap-lowbit", "muon"])
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_memory_estimate_with_each_optimizer_matches_tracked_peak_on_cpu(optimizer, amp):
+    pytest.importorskip("torch.distributed._tools.mem_tracker")
+    from lmcore.accounting import tracked_peak_memory
+
+    config = ModelConfig.preset("tiny", vocab_size=512, context_length=64, d_model=128, n_heads=4, d_ff=352)
+    dtype = "bfloat16" if amp else "float32"
+    options = {"min_8bit_size": 1024} if optimizer == "adamw8bit" else {}
+    measured = tracked_peak_memory(config, 4, 64, dtype, optimizer=optimizer, optimizer_options=options)
+    estimate = memory_estimate(config, 4, 64, dtype, optimizer=optimizer, optimizer_options=options)
+    assert estimate["total"] == pytest.approx(measured, rel=0.10)
+    assert estimate["optimizer"] != memory_estimate(config, 4, 64, dtype)["optimizer"]
+
+
+def test_memory_estimate_optimizer_state_follows_lmcore_optim():
+    from lmcore.optim import state_bytes_formula
+
+    config = ModelConfig.preset("gpt2-small-shape")
+    n = count_params(config)
+    est = {name: memory_estimate(config, 8, 1024, optimizer=name)["optimizer"]
+           for name in ("adamw", "adamw8bit", "muon", "soap")}
+    assert est["adamw8bit"] < 0.3 * est["adamw"] and est["muon"] < est["adamw"] < est["soap"]
+    assert est["soap"] == state_bytes_formula("soap", TransformerLM(config, device="meta"))
+    assert est["adamw"] == 8 * n
+    with pytest.raises(ValueError, match="optimizer='lion'"):
+        memory_estimate(config, 8, 1024, optimizer="lion")

@@ -95,3 +95,12 @@ def test_hub_loader_streams_with_a_size_and_checks_the_column(tmp_path, offline)
     pd.DataFrame({"body": ["x"]}).to_parquet(other)
     with pytest.raises(ValueError, match="no column 'text'"):
         load_corpus("tinystories", data_files=str(other), cache_dir=str(offline), size=10)
+
+
+def test_stdlib_source_is_real_python_read_offline():
+    from lmcore.data import load_corpus
+
+    text = load_corpus("stdlib-source", size=200_000)
+    assert 190_000 <= len(text.encode("utf-8")) <= 200_000
+    assert "def " in text and "import " in text and "<|endoftext|>" in text
+    assert text == load_corpus("stdlib-source", size=200_000)  # deterministic

@@ -1,0 +1,100 @@
+"""What every optimizer of :mod:`lmcore.optim` shares: hyperparameter checks and the Adam update.
+
+Adam with decoupled weight decay, the update the others build on (AdamW, Loshchilov and Hutter)::
+
+    p <- p (1 - lr wd)
+    m <- beta1 m + (1 - beta1) g
+    v <- beta2 v + (1 - beta2) g^2
+    p <- p - lr / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) + eps)
+
+written in the order of ``lmcore.train.optim.AdamW`` (and ``torch.optim.AdamW``), so that an
+optimizer falling back to Adam for some parameter steps exactly as AdamW would.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_range(owner: str, name: str, value, low: float, high: float = math.inf, *, low_open: bool = False,
+          high_open: bool = False, integer: bool = False) -> None:
+    """Refuse a hyperparameter outside its range, in one line naming it and the allowed range."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        lo, hi = ("(" if low_open else "[") + f"{low:g}", f"{high:g}" + (")" if high_open else "]")
+        raise ValueError(f"{owner}: {name}={value!r} is out of range; expected {kind} in {lo}, {hi}")
+
+
+def check_betas(owner: str, betas, name: str = "betas") -> tuple[float, float]:
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"{owner}: {name}={betas!r}; expected two numbers (beta1, beta2), each in [0, 1)")
+    for b in betas:
+        check_range(owner, name, b, 0.0, 1.0, high_open=True)
+    return float(betas[0]), float(betas[1])
+
+
+def adam_direction(m: torch.Tensor, v: torch.Tensor, step: int, beta1: float, beta2: float,
+                   eps: float) -> torch.Tensor:
+    """``m_hat / (sqrt(v_hat) + eps)``: the bias-corrected Adam direction (a new tensor)."""
+    denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+    return (m / (1 - beta1 ** step)).div_(denom)
+
+
+def adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, step: int, lr: float,
+           beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """One AdamW update of ``p`` (and its moments ``m``, ``v``) in place."""
+    p.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+    p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
+
+
+def adam_group_defaults(owner: str, lr: float, betas, eps: float, weight_decay: float) -> dict:
+    """The checked hyperparameters every optimizer here takes."""
+    check_range(owner, "lr", lr, 0.0)
+    beta1, beta2 = check_betas(owner, betas)
+    check_range(owner, "eps", eps, 0.0, low_open=True)
+    check_range(owner, "weight_decay", weight_decay, 0.0)
+    return dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+
+
+def symmetric_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric float32 matrix; when the float32 solver
+    does not converge (it can on a badly conditioned factor), solved again in float64."""
+    try:
+        return torch.linalg.eigh(a)
+    except RuntimeError:  # torch.linalg.LinAlgError
+        lam, q = torch.linalg.eigh(a.double())
+        return lam.to(a.dtype), q.to(a.dtype)
+
+
+def as_matrix(x: torch.Tensor) -> torch.Tensor:
+    """A parameter seen as a matrix: (first dimension, everything else)."""
+    return x.reshape(x.shape[0], -1)
+
+
+class KeepsStateDtypes:
+    """``load_state_dict`` that keeps each state tensor's saved dtype.
+
+    ``torch.optim.Optimizer.load_state_dict`` casts every state tensor of a floating-point
+    parameter to the parameter's dtype, which would turn 8-bit codes into floats (and float32
+    factors of a bfloat16 weight into bfloat16): a resumed run would no longer be the same run.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, entries in saved.items():
+            state = self.state.get(params[index])
+            for key, value in entries.items():
+                if state is not None and torch.is_tensor(value) and state[key].dtype != value.dtype:
+                    state[key] = state[key].to(value.dtype)

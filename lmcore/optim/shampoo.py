@@ -1,0 +1,115 @@
+"""Shampoo (Gupta, Koren and Singer, 2018) with Adam grafting (Anil et al., 2020).
+
+A full-matrix preconditioner for an ``m x n`` weight would be ``mn x mn``. Shampoo keeps one
+factor per side instead, the statistics of the gradient's rows and of its columns::
+
+    L <- beta2 L + (1 - beta2) G G^T          (m x m)
+    R <- beta2 R + (1 - beta2) G^T G          (n x n)
+
+and preconditions the momentum ``M`` from both sides, ``L^(-1/p) M R^(-1/p)`` with ``p = 4``, which
+is the full-matrix preconditioner ``(L (x) R)^(-1/2)`` of a Kronecker-factored covariance. The
+roots are recomputed every ``precondition_frequency`` steps, from an eigendecomposition in float32::
+
+    L + eps I = Q diag(lambda) Q^T   ->   L^(-1/p) = Q diag(lambda^(-1/p)) Q^T
+
+Grafting takes the direction from Shampoo and the size from Adam: per parameter, the update is
+Shampoo's direction rescaled to the norm of Adam's step ``m_hat / (sqrt(v_hat) + eps)``, so the
+learning rate (and its schedule) of AdamW carries over. A side longer than ``max_precond_dim``
+gets no factor (identity); with no factor at all, or for a 1-D parameter, the update is Adam's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmcore.optim.base import (KeepsStateDtypes, adam_direction, adam_group_defaults, as_matrix, check_range,
+                               symmetric_eigh)
+
+
+def inverse_root(factor: torch.Tensor, root: int, eps: float) -> torch.Tensor:
+    """``(factor + eps I)^(-1/root)`` of a symmetric positive semi-definite matrix, in float32."""
+    a = factor.float()
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    lam, q = symmetric_eigh(a + eps * eye)  # a is symmetric: real eigenvalues, orthogonal q
+    lam = lam.clamp_min(eps)  # rounding can leave tiny negative eigenvalues
+    return (q * lam.pow(-1.0 / root)) @ q.T
+
+
+class Shampoo(KeepsStateDtypes, torch.optim.Optimizer):
+    """``Shampoo(params, lr, betas, eps, weight_decay, precondition_frequency=10, max_precond_dim=4096,
+    root=4, matrix_eps=1e-12)``; ``betas[1]`` also decays the factors."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0, precondition_frequency: int = 10, max_precond_dim: int = 4096,
+                 root: int = 4, matrix_eps: float = 1e-12):
+        defaults = adam_group_defaults("Shampoo", lr, betas, eps, weight_decay)
+        check_range("Shampoo", "precondition_frequency", precondition_frequency, 1, integer=True)
+        check_range("Shampoo", "max_precond_dim", max_precond_dim, 0, integer=True)
+        check_range("Shampoo", "root", root, 1, integer=True)
+        check_range("Shampoo", "matrix_eps", matrix_eps, 0.0, low_open=True)
+        defaults.update(precondition_frequency=int(precondition_frequency),
+                        max_precond_dim=int(max_precond_dim),
+                        root=int(root), matrix_eps=matrix_eps)
+        super().__init__(params, defaults)
+
+    def _init_state(self, p, group) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+            if p.ndim >= 2:
+                m, n = as_matrix(p).shape
+                for side, dim in (("left", m), ("right", n)):
+                    if dim <= group["max_precond_dim"]:
+                        state[side] = torch.zeros(dim, dim, dtype=torch.float32, device=p.device)
+                        state[side + "_root"] = torch.eye(dim, dtype=torch.float32, device=p.device)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._init_state(p, group)
+                state["step"] += 1
+                t, g = state["step"], p.grad
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                update = adam_direction(m, v, t, beta1, beta2, eps)  # Adam's step: the graft
+                if "left" in state or "right" in state:
+                    update = self._graft(self._precondition(state, g, m, t, group), update).view_as(p)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-lr)
+        return loss
+
+    def _precondition(self, state, g, m, t: int, group) -> torch.Tensor:
+        """Update the factors, refresh their roots when due, and return ``L^(-1/p) M R^(-1/p)``."""
+        G, M = as_matrix(g).float(), as_matrix(m).float()  # (m, n)
+        beta2 = group["betas"][1]
+        if "left" in state:
+            state["left"].lerp_(G @ G.T, 1 - beta2)  # (m, m)
+        if "right" in state:
+            state["right"].lerp_(G.T @ G, 1 - beta2)  # (n, n)
+        if (t - 1) % group["precondition_frequency"] == 0:
+            for side in ("left", "right"):
+                if side in state:
+                    state[side + "_root"] = inverse_root(state[side], group["root"], group["matrix_eps"])
+        if "left" in state:
+            M = state["left_root"] @ M
+        if "right" in state:
+            M = M @ state["right_root"]
+        return M
+
+    @staticmethod
+    def _graft(direction: torch.Tensor, adam: torch.Tensor) -> torch.Tensor:
+        """``direction`` rescaled to the norm of ``adam`` (the step size comes from Adam)."""
+        norm = direction.norm()
+        return direction * (adam.norm() / norm) if norm > 0 else direction

@@ -1,0 +1,54 @@
+"""``python -m lmcore.bench optim``: the speed test and the comparison at toy size on CPU."""
+
+from __future__ import annotations
+
+import json
+
+from lmcore.bench import BENCHMARKS
+from lmcore.bench.__main__ import main as bench_main
+from lmcore.bench.optim import NAMES, main, summarize
+
+
+def test_quick_speed_test_measures_every_optimizer(tmp_path):
+    out = tmp_path / "optim.json"
+    assert "optim" in BENCHMARKS
+    assert bench_main(["optim", "--quick", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["provenance"]["torch"] and result["device"] == "cpu"
+    for name in (*NAMES, "torch-fused-adamw"):
+        assert result["step_ms"][name]["median"] > 0 and result["train_step_ms"][name]["median"] > 0
+    assert result["state_bytes_per_parameter"]["adamw"] == 8.0
+    assert result["metrics"]["adamw8bit_state_vs_torch"] < 0.3
+    assert set(result["targets"]) and all("met" in t for t in result["targets"].values())
+
+
+def test_comparison_runs_grid_then_final_and_resumes(tmp_path):
+    results = tmp_path / "compare.json"
+    common = ["--compare", "--quick", "--results", str(results), "--optimizers", "adamw,muon",
+              "--corpus-bytes", "60000", "--vocab-size", "300", "--batch", "4", "--evals", "2",
+              "--data-dir", str(tmp_path / "data")]
+    grid = main(common + ["--phase", "grid", "--lrs", "3e-3,1e-2", "--grid-tokens", "2048"])
+    assert len(grid["runs"]) == 4 and grid["settings"]["corpus"] == "stdlib-source"
+    assert grid["settings"]["train_tokens"] > 10_000
+    assert set(grid["summary"]["best_lr"]) == {"adamw", "muon"}
+    again = main(common + ["--phase", "grid", "--lrs", "3e-3,1e-2", "--grid-tokens", "2048"])
+    assert len(again["runs"]) == 4  # nothing run twice
+    final = main(common + ["--phase", "final", "--final-tokens", "4096"])
+    finals = [r for r in final["runs"] if r["phase"] == "final"]
+    assert [r["lr"] for r in finals] == [final["summary"]["best_lr"][r["optimizer"]] for r in finals]
+    summary = final["summary"]["final"]
+    assert summary["adamw"]["minus_adamw"] == 0 and summary["adamw"]["steps_fraction_of_adamw"] == 1.0
+    assert all(r["val_curve"] and r["state_bytes"] > 0 for r in finals)
+    assert json.loads(results.read_text())["summary"] == final["summary"]
+
+
+def test_summary_finds_steps_to_adamws_loss():
+    curve = lambda losses: [{"iter": 10 * (i + 1), "val_loss": v, "seconds": float(i + 1)}  # noqa: E731
+                            for i, v in enumerate(losses)]
+    runs = [{"phase": "final", "optimizer": "adamw", "lr": 1e-3, "final_val_loss": 3.0, "state_bytes": 8,
+             "val_curve": curve([5, 4, 3.5, 3.0])},
+            {"phase": "final", "optimizer": "muon", "lr": 1e-3, "final_val_loss": 2.8, "state_bytes": 4,
+             "val_curve": curve([4.5, 3.0, 2.9, 2.8])}]
+    s = summarize(runs)["final"]
+    assert s["muon"]["steps_to_adamw_loss"] == 20 and s["muon"]["steps_fraction_of_adamw"] == 0.5
+    assert abs(s["muon"]["minus_adamw"] + 0.2) < 1e-12

@@ -139,6 +139,8 @@ def check_keys_and_types(config: dict, defaults: dict) -> None:
                 if values.get("preset") is not None and values["preset"] not in PRESETS:
                     raise ConfigError(f"model.preset={values['preset']!r} is not one of: "
                                       f"{', '.join(PRESETS)}")
+        elif name == "optim":  # its other keys are the optimizer's own, checked by lmcore.optim.check_settings
+            schema = {"name": (None, default["name"]), **{k: ("any", None) for k in values if k != "name"}}
         else:
             schema = {k: (None, v) for k, v in default.items()}
         _check_section(f"{name}.", values, schema)

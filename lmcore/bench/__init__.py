@@ -15,6 +15,7 @@ BENCHMARKS = {
     "attention": "FlashAttention-2 in Triton against torch SDPA backends",
     "sparse": "block-sparse attention against FlexAttention and dense kernels",
     "ddp": "data-parallel wrappers against torch DDP",
+    "longctx": "long-context training (Qwen3 shape), Pythia against transformers, grouped-query FlashAttention",
     "profile": "what limits the FlashAttention kernels: tile candidates with their resources, Nsight Compute",
 }
 

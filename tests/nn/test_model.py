@@ -231,3 +231,32 @@ def test_checkpointing_choice_is_checked():
         model.activation_checkpointing = [0, 5]
     with pytest.raises(ValueError, match="positive k"):
         model.activation_checkpointing = -1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash_triton", "sdpa"])
+def test_qwen3_shaped_gqa_model_on_gpu_trains_and_decodes_with_its_own_backend(backend):
+    """Grouped K/V heads through the backend itself (no copies where it takes them), on CUDA in bf16."""
+    from lmcore.nn import attention_capabilities
+
+    config = ModelConfig.preset("qwen3-0.6b", vocab_size=1024, n_layers=2, context_length=256,
+                                attention_backend=backend)
+    torch.manual_seed(0)
+    model = TransformerLM(config).cuda()
+    torch.manual_seed(0)
+    ref = TransformerLM(config.replace(attention_backend="vectorized")).cuda()
+    ids = torch.randint(0, 1024, (2, 200), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, expected = model(ids), ref(ids)
+        loss = model.loss(ids[:, :-1], ids[:, 1:], chunk_size=64)
+    torch.testing.assert_close(out.float(), expected.float(), atol=5e-2, rtol=5e-2)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert attention_capabilities(backend).kv_offsets
+    model.eval()
+    cache = KVCache(config, 2, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        steps = [model(ids[:, :150], cache)] + [model(ids[:, t:t + 1], cache) for t in range(150, 160)]
+        full = model(ids[:, :160])
+    torch.testing.assert_close(torch.cat(steps, 1).float(), full.float(), atol=5e-2, rtol=5e-2)
+    assert cache.k.shape[2] == config.kv_heads

@@ -150,6 +150,7 @@ class CausalSelfAttention(nn.Module):
             q, k = rope(q, start_pos), rope(k, start_pos)
         if cache is not None:
             k, v = cache.update(layer, k, v, start_pos)  # (B, Hkv, start_pos + T, D): only the KV heads
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a float32 cache read under autocast
         if self.n_kv_heads != self.n_heads and not self.grouped_kv:
             repeat = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(repeat, dim=1)  # (B, H, Tk, D)

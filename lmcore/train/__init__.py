@@ -13,6 +13,7 @@ from lmcore.train.optim import AdamW
 
 __all__ = [
     "AdamW", "MetricsLog", "TrainConfig", "TrainResult", "clip_grad_norm", "configure_optimizer", "cosine_lr",
-    "chunked_cross_entropy", "cross_entropy", "evaluate", "get_batch", "load_checkpoint", "load_tokens", "plot_metrics", "read_metrics",
+    "chunked_cross_entropy", "cross_entropy", "evaluate", "get_batch", "load_checkpoint", "load_tokens",
+    "plot_metrics", "read_metrics",
     "save_checkpoint", "train",
 ]

@@ -7,7 +7,7 @@ listed in :func:`activation_bytes_per_layer`, so the chapter can show where each
 
 from __future__ import annotations
 
-from lmcore.nn import ModelConfig
+from lmcore.nn import ModelConfig, checkpointed_blocks
 from lmcore.nn.registry import attention_capabilities
 
 #: Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets), for model FLOP utilisation.
@@ -29,13 +29,30 @@ def count_params(config: ModelConfig, embedding: bool = True) -> int:
     ``embedding=False`` leaves out the input embedding table (the convention of scaling laws).
     """
     c = _check(config)
-    d, kv = c.d_model, c.kv_heads * c.head_dim
-    attn = d * d + 2 * d * kv + d * d  # q, k, v, o projections
-    layer = attn + 3 * d * c.d_ff + 2 * d  # + SwiGLU + two RMSNorm gains
-    total = c.n_layers * layer + d  # + final norm
-    total += c.vocab_size * d if (embedding or c.tie_weights) else 0  # input table (it *is* the head when tied)
-    total += 0 if c.tie_weights else c.vocab_size * d  # output head
+    d, V = c.d_model, c.vocab_size
+    layer = _matrix_params_per_layer(c) + _vector_params_per_layer(c)
+    total = c.n_layers * layer + _norm_params(c)  # + final norm
+    total += V * d if (embedding or c.tie_weights) else 0  # input table (it *is* the head when tied)
+    total += 0 if c.tie_weights else V * d  # output head
     return total
+
+
+def _matrix_params_per_layer(c: ModelConfig) -> int:
+    """Weights of one block's matrices: q, k, v, o projections and the feed-forward network."""
+    q, kv = c.n_heads * c.head_dim, c.kv_heads * c.head_dim
+    return 2 * c.d_model * q + 2 * c.d_model * kv + (3 if c.mlp == "gated" else 2) * c.d_model * c.d_ff
+
+
+def _norm_params(c: ModelConfig) -> int:
+    return c.d_model * (2 if c.norm_bias else 1)
+
+
+def _vector_params_per_layer(c: ModelConfig) -> int:
+    """Gains and biases of one block: two norms, optional QK-norm gains and projection/MLP biases."""
+    q, kv = c.n_heads * c.head_dim, c.kv_heads * c.head_dim
+    ffn_bias = (2 * c.d_ff if c.mlp == "gated" else c.d_ff) + c.d_model
+    return (2 * _norm_params(c) + (2 * c.head_dim if c.qk_norm else 0)
+            + (q + 2 * kv + c.d_model if c.attention_bias else 0) + (ffn_bias if c.mlp_bias else 0))
 
 
 def flops_breakdown(config: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
@@ -46,11 +63,11 @@ def flops_breakdown(config: ModelConfig, seq_len: int | None = None) -> dict[str
     """
     c = _check(config)
     T = c.context_length if seq_len is None else seq_len
-    d, kv, L = c.d_model, c.kv_heads * c.head_dim, c.n_layers
+    d, q, kv, L = c.d_model, c.n_heads * c.head_dim, c.kv_heads * c.head_dim, c.n_layers
     return {
-        "attention projections": 2 * L * (2 * d * d + 2 * d * kv),
-        "attention scores": 2 * L * 2 * T * d,  # q k^T and (probabilities) v
-        "feed-forward": 2 * L * 3 * d * c.d_ff,
+        "attention projections": 2 * L * (2 * d * q + 2 * d * kv),
+        "attention scores": 2 * L * 2 * T * q,  # q k^T and (probabilities) v
+        "feed-forward": 2 * L * (3 if c.mlp == "gated" else 2) * d * c.d_ff,
         "output head": 2 * d * c.vocab_size,
     }
 
@@ -98,17 +115,27 @@ def activation_bytes_per_layer(config: ModelConfig, batch: int, seq: int, dtype:
     c = _check(config)
     a = _bytes(dtype)
     n, d, f, H = batch * seq, c.d_model, c.d_ff, c.n_heads
-    kv = c.kv_heads * c.head_dim
-    # keys and values: with grouped-query heads the repeated copies are saved; otherwise v is a
-    # view into the stacked q|k|v projection output, which keeps all of it alive
-    keys_values = 2 * a * n * d if kv != d else a * n * (d + 2 * kv)
+    q, kv = H * c.head_dim, c.kv_heads * c.head_dim
+    grouped = kv != q and attention_capabilities(c.attention_backend).grouped_kv
+    # keys and values: repeated for a backend that needs as many key as query heads (the copies are
+    # saved); otherwise v is a view into the stacked q|k|v projection output, which keeps all of it alive
+    keys_values = 2 * a * n * q if kv != q and not grouped else a * n * (q + 2 * kv)
+    rotated = a * n * q + (a * n * kv if kv == q or grouped else 0)  # a repeated k is saved as its copies
+    # RMSNorm keeps x * rsqrt(mean x^2) and the rsqrt; LayerNorm only a mean and an inverse deviation per row
+    norm = 4 * n * d + 4 * n if c.norm == "rmsnorm" else 8 * n
     parts = {
-        "residual stream (2 per block, float32)": 2 * 4 * n * d,
-        "RMSNorm x/rms (2, float32)": 2 * 4 * n * d + 2 * 4 * n,
-        "matmul inputs (normed x twice, merged heads)": 3 * a * n * d,
-        "rotated q, k; v; attention output": 2 * a * n * d + keys_values + 4 * n * H,  # + log-sum-exp per row
-        "SwiGLU hidden (W1x|W3x, silu, product)": 4 * a * n * f,
+        f"residual stream ({1 if c.parallel_residual else 2} per block, float32)":
+            (1 if c.parallel_residual else 2) * 4 * n * d,
+        f"{'RMSNorm x/rms' if c.norm == 'rmsnorm' else 'LayerNorm mean/rstd'} (2, float32)": 2 * norm,
+        "matmul inputs (normed x twice, merged heads)": 2 * a * n * d + a * n * q,
+        "rotated q, k; v; attention output": rotated + keys_values + 4 * n * H,  # + log-sum-exp per row
     }
+    if c.qk_norm:  # float32 copy of q and k (autocast) and x*rsqrt, plus one rsqrt per head and row
+        parts["QK-norm (float32)"] = (8 if a == 2 else 4) * n * (q + kv) + 4 * n * (H + c.kv_heads)
+    if c.mlp == "gated":
+        parts["SwiGLU hidden (W1x|W3x, silu, product)"] = 4 * a * n * f
+    else:
+        parts["MLP hidden (W1x + b, activation)"] = 2 * a * n * f
     if attention_capabilities(c.attention_backend).stores_scores:  # written out: scores and probabilities kept
         parts["attention matrix (T x T)"] = batch * H * seq * seq * (3 * a if a == 2 else 2 * a) + seq * seq
     return parts
@@ -122,14 +149,16 @@ def _bytes(dtype: str) -> int:
 
 def memory_estimate(config: ModelConfig, batch: int, seq: int | None = None, dtype: str = "bfloat16",
                     optimizer: str = "adamw", checkpointing: bool = False,
-                    optimizer_options: dict | None = None) -> dict[str, int]:
+                    optimizer_options: dict | None = None, loss_chunk: int | None = None) -> dict[str, int]:
     """Peak bytes of one training step: weights, gradients, optimizer state, activations.
 
     Weights are float32 (``dtype`` is the autocast compute type). The peak comes either while
     backward starts (every activation saved, the logits' gradient being formed, no weight
     gradients yet) or at the optimizer step (gradients complete, activations freed); the larger
     is ``total``. With ``checkpointing`` each block keeps only its input and one block's
-    activations are recomputed at a time.
+    activations are recomputed at a time; it takes what ``TransformerLM.activation_checkpointing``
+    takes (``True``, every ``k``-th block, a list of blocks). ``loss_chunk`` is the chunk size of
+    ``TransformerLM.loss`` (``lmcore.train.chunked_cross_entropy``): no full logits are held.
 
     ``optimizer`` may also name any optimizer of :mod:`lmcore.optim` (``adamw8bit``, ``shampoo``,
     ``soap``, ``soap-lowbit``, ``muon``), whose state is counted by ``lmcore.optim.state_bytes_formula``
@@ -145,23 +174,30 @@ def memory_estimate(config: ModelConfig, batch: int, seq: int | None = None, dty
     a = _bytes(dtype)
     n, d, V = batch * seq, c.d_model, c.vocab_size
     N = count_params(c)
-    matmul_params = N - c.n_layers * 2 * d - d - (0 if c.tie_weights else V * d)  # without norms, input table
     weights, grads = 4 * N, 4 * N
     opt = 4 * N * states[optimizer] if optimizer in states else _state_bytes(c, optimizer, optimizer_options or {})
     layer = sum(activation_bytes_per_layer(c, batch, seq, dtype).values())
-    head = 4 * n * d + 4 * n * d + (a * n * d if a == 2 else 0) + 8 * n  # last residual, final norm, head input
-    logits = 4 * n * V + 3 * 4 * n * V  # float32 logits saved by the loss + three temporaries of its gradient
+    final_norm = 4 * n * d + 4 * n if c.norm == "rmsnorm" else 8 * n
+    head_input = a * n * d if loss_chunk is None else 4 * n * d  # the chunked loss casts chunk by chunk
+    head = 4 * n * d + final_norm + head_input + 4 * n  # last residual, final norm, head input
+    rows = n if loss_chunk is None else min(n, loss_chunk)
+    if loss_chunk is None:  # float32 logits saved by the loss + three temporaries of its gradient (+ bf16 logits)
+        logits = 4 * n * V + 3 * 4 * n * V
+    else:  # one chunk's logits and their gradient at a time, the head's float32 gradient, log-sum-exps
+        logits = 4 * 4 * rows * V + 4 * V * d + 4 * n
     head_cast = 2 * V * d if a == 2 else 0
-    casts = 2 * matmul_params if a == 2 else 0  # bf16 copies of the weights, held until backward uses them
-    if checkpointing:  # blocks keep their inputs; one block is recomputed at a time during backward
-        activations = c.n_layers * 4 * n * d + head + head_cast
-        # while a block is recomputed and differentiated, on average half the gradients exist and its
-        # backward needs about a third more than its saved activations in temporaries (measured)
-        recompute = weights + opt + grads // 2 + c.n_layers * 4 * n * d + (4 * layer) // 3
-        backward_start = max(weights + opt + activations + logits, recompute)
-    else:
-        activations = c.n_layers * layer + head + casts
-        backward_start = weights + opt + activations + logits
+    blocks = checkpointed_blocks(checkpointing, c.n_layers)
+    ckpt = len(blocks)
+    layer_casts = 2 * _matrix_params_per_layer(c) if a == 2 else 0  # bf16 weight copies held until backward
+    stored = (c.n_layers - ckpt) * (layer + layer_casts)  # blocks that keep everything
+    activations = ckpt * 4 * n * d + stored + head + head_cast
+    backward_start = weights + opt + activations + logits
+    if ckpt:  # while a checkpointed block is recomputed and differentiated, on average half the gradients
+        # exist and its backward needs about a third more than its saved activations in temporaries (measured);
+        # the blocks below the highest checkpointed one still hold what they saved
+        below = sum(1 for i in range(max(blocks)) if i not in blocks) * (layer + layer_casts)
+        recompute = weights + opt + grads // 2 + ckpt * 4 * n * d + below + (4 * layer) // 3
+        backward_start = max(backward_start, recompute)
     optimizer_step = weights + grads + opt + _step_temporaries(c, optimizer)  # + temporaries of the update
     return {"weights": weights, "gradients": grads, "optimizer": opt, "activations": activations,
             "logits": logits, "total": max(backward_start, optimizer_step)}
@@ -201,7 +237,7 @@ def _state_bytes(c: ModelConfig, optimizer: str, options: dict) -> int:
 
 def tracked_peak_memory(config: ModelConfig, batch: int, seq: int | None = None, dtype: str = "bfloat16",
                         checkpointing: bool = False, device="cpu", seed: int = 0, optimizer: str = "adamw",
-                        optimizer_options: dict | None = None) -> int:
+                        optimizer_options: dict | None = None, loss_chunk: int | None = None) -> int:
     """Peak bytes of live tensors during one training step (the second; the first creates the
     optimizer state), tracked tensor by tensor with torch's ``MemTracker``. Works on CPU, where
     there is no allocator statistic like ``torch.cuda.max_memory_allocated``.
@@ -213,7 +249,7 @@ def tracked_peak_memory(config: ModelConfig, batch: int, seq: int | None = None,
     except ImportError as err:  # a private tool: present in the torch versions lmcore supports
         raise ImportError(f"torch {torch.__version__} has no MemTracker to track memory with") from err
     from lmcore.nn import TransformerLM
-    from lmcore.train import TrainConfig, configure_optimizer, cross_entropy
+    from lmcore.train import TrainConfig, configure_optimizer
 
     c = _check(config)
     seq = c.context_length if seq is None else seq
@@ -225,7 +261,7 @@ def tracked_peak_memory(config: ModelConfig, batch: int, seq: int | None = None,
 
     def step():
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=_bytes(dtype) == 2):
-            loss = cross_entropy(model(x[:, :-1]), x[:, 1:])
+            loss = model.loss(x[:, :-1], x[:, 1:], loss_chunk)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -17,6 +17,7 @@ BENCHMARKS = {
     "attention": "FlashAttention-2 in Triton against torch SDPA backends",
     "sparse": "block-sparse attention against FlexAttention and dense kernels",
     "ddp": "data-parallel wrappers against torch DDP",
+    "longctx": "long-context training (Qwen3 shape), Pythia against transformers, grouped-query FlashAttention",
     "profile": "what limits the FlashAttention kernels: tile candidates with their resources, Nsight Compute",
     "optim": "optimizer step, training step and state memory of lmcore.optim against torch fused AdamW",
 }

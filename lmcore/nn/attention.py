@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmcore.nn.layers import Linear, softmax
+from lmcore.nn.layers import Linear, RMSNorm, softmax
 from lmcore.nn.registry import attention_capabilities, get_attention_backend, register_attention_backend
 
 
@@ -59,13 +59,15 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out, lse
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouped: bool = False) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects (batch, heads, seq, head_dim) tensors, got shapes "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape[:-1] + (k.shape[-1],) or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+    heads_ok = q.shape[1] == k.shape[1] or (grouped and k.shape[1] and q.shape[1] % k.shape[1] == 0)
+    if k.shape != v.shape[:-1] + (k.shape[-1],) or q.shape[0] != k.shape[0] or not heads_ok \
+            or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"incompatible attention shapes q={tuple(q.shape)} k={tuple(k.shape)} "
-                         f"v={tuple(v.shape)}")
+                         f"v={tuple(v.shape)}" + (" (k, v heads must divide q heads)" if grouped else ""))
 
 
 @register_attention_backend("reference", kv_offsets=True, stores_scores=True)
@@ -89,11 +91,16 @@ def vectorized_attention(q, k, v, causal: bool = True, **options):
     return scaled_dot_product_attention(q, k, v, mask)  # (B, H, Tq, D)
 
 
-@register_attention_backend("sdpa", kv_offsets=True)
+@register_attention_backend("sdpa", kv_offsets=True, grouped_kv=True)
 def sdpa_attention(q, k, v, causal: bool = True, **options):
-    """``torch.nn.functional.scaled_dot_product_attention`` (fused kernels such as FlashAttention)."""
-    _check(q, k, v)
+    """``torch.nn.functional.scaled_dot_product_attention`` (fused kernels such as FlashAttention).
+
+    ``k, v`` may have fewer heads than ``q`` (grouped-query attention, ``enable_gqa``).
+    """
+    _check(q, k, v, grouped=True)
     t_q, t_k = q.shape[-2], k.shape[-2]
+    if k.shape[1] != q.shape[1]:
+        options = {**options, "enable_gqa": True}
     if causal and t_q != t_k:
         if t_q == 1:  # one new query sees every cached key
             return F.scaled_dot_product_attention(q, k, v, is_causal=False, **options)
@@ -105,23 +112,30 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with rotary positions and optional grouped-query heads.
 
     ``n_kv_heads < n_heads`` shares each key/value head among ``n_heads // n_kv_heads`` query heads
-    (grouped-query attention), which shrinks the KV cache by that factor.
+    (grouped-query attention), which shrinks the KV cache by that factor. A backend registered with
+    ``grouped_kv`` receives the ``n_kv_heads`` heads as they are; for any other the model repeats
+    each one over its group. ``qk_norm`` normalises every query and key head (RMSNorm over
+    ``head_dim``) before the rotation, as Qwen3 does.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
-                 backend: str = "sdpa", backend_options: dict | None = None, device=None, dtype=None):
+                 backend: str = "sdpa", backend_options: dict | None = None, device=None, dtype=None,
+                 head_dim: int | None = None, bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6):
         super().__init__()
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads or n_heads
-        self.head_dim = d_model // n_heads
+        self.head_dim = head_dim or d_model // n_heads
         # q, k and v projections stacked in one matrix: one matmul instead of three, same math
         self.qkv_sizes = [n_heads * self.head_dim] + [self.n_kv_heads * self.head_dim] * 2
-        self.qkv_proj = Linear(d_model, sum(self.qkv_sizes), std=math.sqrt(2.0 / (2 * d_model)),
+        self.qkv_proj = Linear(d_model, sum(self.qkv_sizes), std=math.sqrt(2.0 / (2 * d_model)), bias=bias,
                                device=device, dtype=dtype)
-        self.o_proj = Linear(n_heads * self.head_dim, d_model, device=device, dtype=dtype)
+        self.o_proj = Linear(n_heads * self.head_dim, d_model, bias=bias, device=device, dtype=dtype)
+        self.q_norm = RMSNorm(self.head_dim, norm_eps, device=device, dtype=dtype) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, norm_eps, device=device, dtype=dtype) if qk_norm else None
         self.backend_name = backend
         self.attend = get_attention_backend(backend)
-        self.kv_offsets = attention_capabilities(backend).kv_offsets
+        capabilities = attention_capabilities(backend)
+        self.kv_offsets, self.grouped_kv = capabilities.kv_offsets, capabilities.grouped_kv
         self.backend_options = dict(backend_options or {})
 
     def forward(self, x: torch.Tensor, rope=None, start_pos: int = 0, cache=None, layer: int = 0):
@@ -130,11 +144,14 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # each head scaled to unit RMS, then by its gain
         if rope is not None:
             q, k = rope(q, start_pos), rope(k, start_pos)
         if cache is not None:
-            k, v = cache.update(layer, k, v, start_pos)  # (B, Hkv, start_pos + T, D)
-        if self.n_kv_heads != self.n_heads:
+            k, v = cache.update(layer, k, v, start_pos)  # (B, Hkv, start_pos + T, D): only the KV heads
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a float32 cache read under autocast
+        if self.n_kv_heads != self.n_heads and not self.grouped_kv:
             repeat = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(repeat, dim=1)  # (B, H, Tk, D)
             v = v.repeat_interleave(repeat, dim=1)  # (B, H, Tk, D)

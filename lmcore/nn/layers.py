@@ -19,23 +19,25 @@ def truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
 
 
 class Linear(nn.Module):
-    """``y = x W^T`` with ``W`` of shape (out_features, in_features), no bias.
+    """``y = x W^T (+ b)`` with ``W`` of shape (out_features, in_features); a bias only if asked for.
 
-    Initialised from a truncated normal with variance ``2 / (in + out)`` (Glorot).
+    Initialised from a truncated normal with variance ``2 / (in + out)`` (Glorot); the bias at zero.
     """
 
-    def __init__(self, in_features: int, out_features: int, std: float | None = None,
+    def __init__(self, in_features: int, out_features: int, std: float | None = None, bias: bool = False,
                  device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         truncated_normal_(self.weight, std if std is not None else math.sqrt(2.0 / (in_features + out_features)))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.t()  # (..., in) @ (in, out) -> (..., out)
+        y = x @ self.weight.t()  # (..., in) @ (in, out) -> (..., out)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class Embedding(nn.Module):
@@ -69,6 +71,28 @@ class RMSNorm(nn.Module):
         return (x32 * rms * self.weight.float()).to(in_dtype)  # (B, T, d)
 
 
+class LayerNorm(nn.Module):
+    """``(x - mean(x)) / sqrt(var(x) + eps) * g + b`` in float32, cast back (GPT-2, GPT-NeoX)."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        # F.layer_norm computes the formula above in one kernel
+        return F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), bias, self.eps).to(x.dtype)
+
+
+def make_norm(kind: str, d_model: int, eps: float, bias: bool = False, device=None, dtype=None) -> nn.Module:
+    """``"rmsnorm"`` or ``"layernorm"`` (the config's ``norm``)."""
+    if kind == "layernorm":
+        return LayerNorm(d_model, eps, bias, device=device, dtype=dtype)
+    return RMSNorm(d_model, eps, device=device, dtype=dtype)
+
+
 def silu(x: torch.Tensor) -> torch.Tensor:
     """``x * sigmoid(x)`` (also called swish)."""
     return x * torch.sigmoid(x)
@@ -81,15 +105,35 @@ class SwiGLU(nn.Module):
     matmul; ``w13.weight[:d_ff]`` is ``W1`` and ``w13.weight[d_ff:]`` is ``W3``.
     """
 
-    def __init__(self, d_model: int, d_ff: int, device=None, dtype=None):
+    def __init__(self, d_model: int, d_ff: int, activation: str = "silu", bias: bool = False,
+                 device=None, dtype=None):
         super().__init__()
-        self.d_ff = d_ff
-        self.w13 = Linear(d_model, 2 * d_ff, std=math.sqrt(2.0 / (d_model + d_ff)), device=device, dtype=dtype)
-        self.w2 = Linear(d_ff, d_model, device=device, dtype=dtype)
+        self.d_ff, self.act = d_ff, ACTIVATIONS[activation]
+        self.w13 = Linear(d_model, 2 * d_ff, std=math.sqrt(2.0 / (d_model + d_ff)), bias=bias,
+                          device=device, dtype=dtype)
+        self.w2 = Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).split(self.d_ff, dim=-1)  # (B, T, d_ff) each: W1 x, W3 x
-        return self.w2(F.silu(gate) * up)  # (B, T, d); F.silu computes silu() above in one kernel
+        return self.w2(self.act(gate) * up)  # (B, T, d); F.silu computes silu() above in one kernel
+
+
+class MLP(nn.Module):
+    """The two-layer feed-forward network ``W2 act(W1 x + b1) + b2`` (GPT-2, GPT-NeoX)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        self.act = ACTIVATIONS[activation]
+        self.w1 = Linear(d_model, d_ff, bias=bias, device=device, dtype=dtype)
+        self.w2 = Linear(d_ff, d_model, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w1(x)))  # (B, T, d_ff) -> (B, T, d)
+
+
+#: Activation functions by the config's name for them.
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

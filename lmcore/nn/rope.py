@@ -8,7 +8,9 @@ Each pair of channels ``(a, b)`` of a query or key at position ``m`` is rotated 
 - ``"half"`` pairs channel ``i`` with ``i + d/2`` (GPT-NeoX, and Llama checkpoints converted to
   the Hugging Face layout).
 
-The two are the same rotation applied to a permuted set of channels.
+The two are the same rotation applied to a permuted set of channels. Some models rotate only the
+first channels of each head (GPT-NeoX/Pythia: a quarter) and pass the rest through unchanged:
+build the table for those channels, and ``forward`` leaves any further channels as they are.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Rotate ``x`` of shape (..., T, head_dim) whose first token sits at ``start_pos``."""
+        """Rotate ``x`` of shape (..., T, D >= head_dim) whose first token sits at ``start_pos``;
+        channels past ``head_dim`` (partial rotary) pass through."""
+        if x.shape[-1] > self.head_dim:
+            rotated = self(x[..., : self.head_dim], start_pos)  # (..., T, head_dim)
+            return torch.cat((rotated, x[..., self.head_dim:]), dim=-1)  # (..., T, D)
         T = x.shape[-2]
         if start_pos + T > self.max_seq_len:
             raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed the rotary table "

@@ -13,7 +13,9 @@ def test_count_params_matches_the_model(name):
     assert count_params(config) == TransformerLM(config, device="meta").num_parameters()
 
 
-@pytest.mark.parametrize("extra", [{}, {"n_kv_heads": 2}, {"tie_weights": True}])
+@pytest.mark.parametrize("extra", [{}, {"n_kv_heads": 2}, {"tie_weights": True}, {"d_head": 32, "qk_norm": True},
+                                   {"norm": "layernorm", "norm_bias": True, "mlp": "plain", "mlp_bias": True,
+                                    "attention_bias": True}])
 def test_count_params_variants(extra):
     config = ModelConfig.preset("tiny", **extra)
     assert count_params(config) == TransformerLM(config).num_parameters()
@@ -93,3 +95,45 @@ def test_memory_estimate_optimizer_state_follows_lmcore_optim():
     assert est["adamw"] == 8 * n
     with pytest.raises(ValueError, match="optimizer='lion'"):
         memory_estimate(config, 8, 1024, optimizer="lion")
+
+
+def test_family_presets_have_their_published_sizes():
+    """Parameter counts as the model cards give them (Pythia's include the untied output head)."""
+    assert count_params(ModelConfig.preset("pythia-70m")) == 70_426_624
+    assert count_params(ModelConfig.preset("pythia-160m")) == 162_322_944
+    assert count_params(ModelConfig.preset("qwen3-0.6b")) == 596_049_920
+    assert 7.5e9 < count_params(ModelConfig.preset("qwen3-8b")) < 8.5e9
+    assert 32e9 < count_params(ModelConfig.preset("qwen3-32b")) < 33.5e9
+
+
+SMALL = dict(vocab_size=512, context_length=64, d_model=128, n_heads=4, d_ff=352, n_layers=2)
+FAMILIES = {"pythia": ("pythia-70m", dict(SMALL, d_ff=512)),
+            "qwen3": ("qwen3-0.6b", dict(SMALL, n_kv_heads=2, d_head=64))}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("dtype, ckpt, chunk, batch", [("bfloat16", False, None, 4), ("float32", False, None, 4),
+                                                       ("bfloat16", True, None, 8), ("bfloat16", 2, None, 4),
+                                                       ("bfloat16", False, 64, 4)])
+def test_family_memory_estimate_matches_tracked_peak_on_cpu(family, dtype, ckpt, chunk, batch):
+    """Pythia- and Qwen3-shaped models (grouped KV heads, QK-norm, parallel residual, LayerNorm, biases)
+    with checkpointing of every or every other block and the chunked loss, against the tracked peak."""
+    pytest.importorskip("torch.distributed._tools.mem_tracker")
+    from lmcore.accounting import tracked_peak_memory
+
+    name, shape = FAMILIES[family]
+    config = ModelConfig.preset(name, **shape)
+    measured = tracked_peak_memory(config, batch, 64, dtype, checkpointing=ckpt, loss_chunk=chunk)
+    estimate = memory_estimate(config, batch, 64, dtype, checkpointing=ckpt, loss_chunk=chunk)
+    assert estimate["total"] == pytest.approx(measured, rel=0.10)
+
+
+def test_chunked_loss_and_partial_checkpointing_save_what_they_should():
+    config = ModelConfig.preset("qwen3-0.6b", context_length=32768)
+    plain = memory_estimate(config, 1, 32768)
+    chunked = memory_estimate(config, 1, 32768, loss_chunk=4096)
+    assert plain["logits"] > 16 * 32768 * 151936 - 1 and chunked["logits"] < plain["logits"] / 7
+    every = [memory_estimate(config, 1, 32768, checkpointing=k)["activations"] for k in (False, 4, 2, True)]
+    assert every == sorted(every, reverse=True)  # checkpointing more blocks keeps fewer activations
+    with pytest.raises(ValueError, match="activation_checkpointing=0"):
+        memory_estimate(config, 1, 1024, checkpointing=0)

@@ -95,3 +95,42 @@ def test_get_batch_windows_are_shifted_by_one(tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((2, 2), dtype=np.float32))
     with pytest.raises(ValueError, match="1-D array of integer"):
         load_tokens(tmp_path / "bad.npy")
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 1000])
+def test_chunked_cross_entropy_equals_the_plain_one_values_and_gradients(chunk):
+    from lmcore.train import chunked_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 5))
+    plain = cross_entropy(hidden @ weight.t(), targets)
+    gh, gw = torch.autograd.grad(plain, (hidden, weight))
+    chunked = chunked_cross_entropy(hidden, weight, targets, chunk)
+    ch, cw = torch.autograd.grad(2.0 * chunked, (hidden, weight))  # an upstream gradient other than 1
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(ch, 2.0 * gh)
+    torch.testing.assert_close(cw, 2.0 * gw)
+    with pytest.raises(ValueError, match="disagree"):
+        chunked_cross_entropy(hidden, weight, targets[:, :4])
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        chunked_cross_entropy(hidden, weight, targets, 0)
+
+
+def test_chunked_loss_of_the_model_under_autocast():
+    from lmcore.nn import ModelConfig, TransformerLM
+
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig.preset("tiny", context_length=16, tie_weights=True))
+    ids = torch.randint(0, 512, (2, 17))
+    results = []
+    for chunk in (None, 5):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.loss(ids[:, :-1], ids[:, 1:], chunk_size=chunk)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-3, rtol=1e-3)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(b, a, atol=2e-3, rtol=5e-2)

@@ -61,6 +61,8 @@ def test_notebook_is_output_free_with_one_parameters_cell(path):
     meta = json.loads(path.read_text())["metadata"]
     assert "papermill" not in meta, f"{path.name}: papermill metadata left in the committed notebook"
     assert all("papermill" not in c.get("metadata", {}) for c in nb), f"{path.name}: papermill cell metadata"
+    ids = [c.get("id") for c in nb]  # nbformat 4.5 requires them; tools will stop adding them silently
+    assert all(ids) and len(set(ids)) == len(ids), f"{path.name}: every cell needs its own id"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

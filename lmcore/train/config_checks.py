@@ -197,7 +197,7 @@ def check_launch(train_config) -> None:
     if world > 1 and train_config.ddp == "none" and not train_config.sharded_optimizer:
         raise ConfigError(f"started as {world} processes (WORLD_SIZE={world}) but train.ddp='none': every "
                           "process would train the same model into the same out_dir; pass --ddp naive, "
-                          "overlapped, bucketed or torch, or start a single process")
+                          "overlapped, bucketed, torch or fsdp, or start a single process")
 
 
 def device_memory(device) -> tuple[int, str]:

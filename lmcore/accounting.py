@@ -272,3 +272,37 @@ def tracked_peak_memory(config: ModelConfig, batch: int, seq: int | None = None,
     with tracker:
         step()
     return int(tracker.get_tracker_snapshot("peak")[torch.device(device)]["Total"])
+
+
+#: Data-parallel schemes of ``sharded_memory_estimate``: what each splits over the ranks.
+SHARDING = ("ddp", "zero1", "fsdp")
+
+
+def sharded_memory_estimate(config: ModelConfig, batch: int, world_size: int, scheme: str = "fsdp",
+                            seq: int | None = None, dtype: str = "bfloat16", **options) -> dict[str, int]:
+    """Peak bytes per rank of one training step under data parallelism over ``world_size`` ranks.
+
+    ``memory_estimate`` (same ``options``: optimizer, checkpointing, loss_chunk...) gives one rank's
+    step; ``scheme`` then splits the model states: 'ddp' none, 'zero1' the optimizer state, 'fsdp'
+    weights, gradients and optimizer state (counted as all present at the peak, an upper bound).
+    FSDP adds what it gathers: the root's weights (embedding, head) for the whole step and two
+    blocks' weights at a time (the one computing, the next one prefetched) in ``dtype``, plus
+    one block's gradients in float32 before they are reduce-scattered.
+    """
+    if scheme not in SHARDING:
+        raise ValueError(f"scheme={scheme!r}: expected one of {', '.join(SHARDING)}")
+    if not (isinstance(world_size, int) and world_size >= 1):
+        raise ValueError(f"world_size={world_size!r}: expected a positive integer")
+    c = _check(config)
+    est = memory_estimate(c, batch, seq, dtype=dtype, **options)
+    keep = 1 - 1 / world_size
+    if scheme == "ddp":
+        return {**est, "sharded_away": 0, "gathered": 0}
+    if scheme == "zero1":
+        away = int(est["optimizer"] * keep)
+        return {**est, "total": est["total"] - away, "sharded_away": away, "gathered": 0}
+    away = int((est["weights"] + est["gradients"] + est["optimizer"]) * keep)
+    block = _matrix_params_per_layer(c) + _vector_params_per_layer(c)
+    root = count_params(c) - c.n_layers * block
+    gathered = int(world_size > 1) * (_bytes(dtype) * (root + 2 * block) + 4 * block)
+    return {**est, "total": est["total"] - away + gathered, "sharded_away": away, "gathered": gathered}

@@ -33,13 +33,14 @@ import time
 BACKENDS = ("sdpa", "flash_triton", "block_sparse", "nsa")
 CPU_BACKENDS = ("sdpa", "block_sparse", "nsa")  # flash_triton needs a GPU (or the slow interpreter)
 WRAPPERS = ("none", "naive", "overlapped", "bucketed", "torch", "zero1", "fsdp")
-MODELS = {  # name -> (preset, overrides)
+MODELS = {  # name -> (preset, overrides); any other lmcore.nn preset name is that preset
     "tiny": ("tiny", {}),
     "gpt2-medium-shape": ("gpt2-small-shape", dict(d_model=1024, n_layers=24, n_heads=16, d_ff=2816)),
     "qwen3-0.6b": ("qwen3-0.6b", {}),
 }
 CSV_FIELDS = ["model", "backend", "wrapper", "world_size", "batch", "seq", "dtype", "step_ms", "tokens_per_s",
-              "scaling_efficiency", "peak_mem_gb", "mem_overhead", "status"]
+              "scaling_efficiency", "peak_mem_gb", "estimate_gb", "mem_overhead", "status"]
+SCHEME = {"zero1": "zero1", "fsdp": "fsdp"}  # wrapper -> lmcore.accounting scheme; the others replicate (ddp)
 
 
 @dataclasses.dataclass
@@ -55,15 +56,17 @@ class MatrixConfig:
     steps: int
     warmup: int
     block_size: int  # block_sparse / nsa block
+    checkpointing: bool = False  # activation checkpointing of every block
+    name: str = "matrix"  # file-name prefix
 
 
 def model_config(name: str, seq: int, attention: str, block_size: int):
     """The ``ModelConfig`` of shape ``name`` at context ``seq`` with attention backend ``attention``."""
-    from lmcore.nn import ModelConfig
+    from lmcore.nn import PRESETS, ModelConfig
 
-    if name not in MODELS:
-        raise ValueError(f"model {name!r}: expected one of {', '.join(MODELS)}")
-    preset, overrides = MODELS[name]
+    if name not in MODELS and name not in PRESETS:
+        raise ValueError(f"model {name!r}: expected one of {', '.join(MODELS)} or an lmcore.nn preset")
+    preset, overrides = MODELS.get(name, (name, {}))
     options = {}
     if attention == "block_sparse":  # a sliding window of a quarter of the context
         options = dict(pattern="local", window=max(block_size, seq // 4), block_size=block_size)
@@ -85,6 +88,7 @@ def _measure(cfg: MatrixConfig, attention: str, wrapper: str, rank: int, device)
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     model = TransformerLM(model_config(cfg.model, cfg.seq, attention, cfg.block_size), device=device)
+    model.activation_checkpointing = cfg.checkpointing
     if wrapper == "fsdp":
         net = wrap_model(model, "fsdp", mixed_precision="bf16" if cfg.dtype == "bf16" else "fp32")
     else:
@@ -154,6 +158,7 @@ def merge(per_rank: list[list[dict]], cfg: MatrixConfig) -> list[dict]:
             step = max(r["step_ms"] for r in mine)
             peaks = [r["peak_mem_gb"] for r in mine if r["peak_mem_gb"] is not None]
             row.update(step_ms=round(step, 3), peak_mem_gb=round(max(peaks), 4) if peaks else None,
+                       estimate_gb=round(estimate_gb(cfg, row["backend"], row["wrapper"]), 6),
                        tokens_per_s=round(cfg.world_size * cfg.batch * cfg.seq / (step / 1e3), 1))
         out.append(row)
     for row in out:  # against the same backend without communication
@@ -164,6 +169,17 @@ def merge(per_rank: list[list[dict]], cfg: MatrixConfig) -> list[dict]:
             if row["peak_mem_gb"] and base["peak_mem_gb"]:
                 row["mem_overhead"] = round(row["peak_mem_gb"] / base["peak_mem_gb"] - 1, 4)
     return out
+
+
+def estimate_gb(cfg: MatrixConfig, attention: str, wrapper: str) -> float:
+    """``lmcore.accounting.sharded_memory_estimate`` of one rank, in GiB."""
+    from lmcore.accounting import sharded_memory_estimate
+
+    config = model_config(cfg.model, cfg.seq, attention, cfg.block_size)
+    world = 1 if wrapper == "none" else cfg.world_size
+    return sharded_memory_estimate(config, cfg.batch, world, SCHEME.get(wrapper, "ddp"), seq=cfg.seq,
+                                   dtype="bfloat16" if cfg.dtype == "bf16" else "float32",
+                                   checkpointing=cfg.checkpointing)["total"] / 2**30
 
 
 def heat_map(rows: list[dict], path: str, title: str) -> None:
@@ -203,12 +219,13 @@ def report(rows: list[dict], cfg: MatrixConfig, device: str) -> str:
     lines = [f"# Kernel x data-parallel matrix: {cfg.model}, context {cfg.seq}, {cfg.world_size} x {device}",
              "", f"batch {cfg.batch} sequences per rank, {cfg.dtype}; efficiency against the same backend "
              "without communication.", "",
-             "| backend | wrapper | tokens/s | scaling efficiency | peak GB/rank | memory overhead | status |",
-             "|---|---|---|---|---|---|---|"]
+             "| backend | wrapper | tokens/s | scaling efficiency | peak GB/rank | estimate GB | memory overhead "
+             "| status |", "|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         lines.append(f"| {r['backend']} | {r['wrapper']} | {fmt(r.get('tokens_per_s'), '.0f')} | "
                      f"{fmt(r.get('scaling_efficiency'), '.3f')} | {fmt(r.get('peak_mem_gb'), '.2f')} | "
+                     f"{fmt(r.get('estimate_gb'), '.2f')} | "
                      f"{fmt(r.get('mem_overhead'), '+.1%')} | {r['status']} |")
     lines.append("")
     for b in dict.fromkeys(r["backend"] for r in rows):
@@ -224,13 +241,16 @@ def report(rows: list[dict], cfg: MatrixConfig, device: str) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lmcore.bench matrix", description=__doc__.split("\n\n")[1])
     p.add_argument("--quick", action="store_true", help="2 gloo processes on CPU, tiny model (a smoke test)")
-    p.add_argument("--model", choices=list(MODELS), default=None, help="default gpt2-medium-shape (quick: tiny)")
+    p.add_argument("--model", default=None,
+                   help=f"{', '.join(MODELS)} or an lmcore.nn preset (default gpt2-medium-shape; quick: tiny)")
     p.add_argument("--seq", type=int, default=None, help="context length (default 1024; quick: 64)")
     p.add_argument("--batch", type=int, default=None, help="sequences per rank per step (default 8; quick: 2)")
     p.add_argument("--world-size", type=int, default=None, help="processes (default: every GPU; quick: 2)")
     p.add_argument("--backends", default=None, help=f"comma-separated subset of {','.join(BACKENDS)}")
     p.add_argument("--wrappers", default=",".join(WRAPPERS), help="comma-separated subset of the wrappers")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; quick: 2)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
+    p.add_argument("--name", default="matrix", help="file-name prefix: NAME-<device>-x<world>-<model>.*")
     p.add_argument("--out-dir", default=None, help="where files go (default book/results; quick: none)")
     return p.parse_args(argv)
 
@@ -259,10 +279,15 @@ def make_config(args: argparse.Namespace) -> MatrixConfig:
                        backends=backends, wrappers=wrappers, world_size=world,
                        backend="gloo" if args.quick else "nccl", dtype="fp32" if args.quick else "bf16",
                        steps=args.steps or (2 if args.quick else 10), warmup=1 if args.quick else 3,
-                       block_size=16 if args.quick else 64)
+                       block_size=16 if args.quick else 64, checkpointing=args.checkpointing, name=args.name)
+    if not cfg.name.replace("-", "").isalnum():
+        raise SystemExit(f"matrix: --name {cfg.name!r}: expected letters, digits and dashes")
     if cfg.seq % cfg.block_size:
         raise SystemExit(f"matrix: --seq {cfg.seq}: expected a multiple of the block size {cfg.block_size}")
-    model_config(cfg.model, cfg.seq, "sdpa", cfg.block_size)  # a bad shape fails here
+    try:
+        model_config(cfg.model, cfg.seq, "sdpa", cfg.block_size)  # a bad shape fails here
+    except ValueError as err:
+        raise SystemExit(f"matrix: {err}") from None
     return cfg
 
 
@@ -287,7 +312,7 @@ def main(argv: list[str]) -> dict:
               "wall_s": round(time.monotonic() - began, 1)}
     out_dir = args.out_dir if args.out_dir is not None else (None if args.quick else os.path.join("book", "results"))
     if out_dir:
-        stem = os.path.join(out_dir, f"matrix-{gpu_slug(prov.get('gpu'))}-x{cfg.world_size}-{cfg.model}")
+        stem = os.path.join(out_dir, f"{cfg.name}-{gpu_slug(prov.get('gpu'))}-x{cfg.world_size}-{cfg.model}")
         files = {"csv": stem + ".csv", "json": stem + ".json", "png": stem + ".png", "report": stem + ".md"}
         with atomic_write(files["csv"]) as f:
             w = csv.DictWriter(f, fieldnames=CSV_FIELDS)

@@ -143,14 +143,22 @@ def test_sharded_memory_estimate_splits_model_states_over_ranks():
     from lmcore.accounting import memory_estimate, sharded_memory_estimate
 
     config = ModelConfig.preset("qwen3-0.6b")
-    one = memory_estimate(config, 1, 4096, checkpointing=True)
+    from lmcore.accounting import memory_peaks
+
+    one = memory_peaks(config, 1, 4096, checkpointing=True)
+    assert {k: one[k] for k in memory_estimate(config, 1, 4096, checkpointing=True)} == \
+        memory_estimate(config, 1, 4096, checkpointing=True)
     ddp = sharded_memory_estimate(config, 1, 8, "ddp", seq=4096, checkpointing=True)
     zero1 = sharded_memory_estimate(config, 1, 8, "zero1", seq=4096, checkpointing=True)
     fsdp = sharded_memory_estimate(config, 1, 8, "fsdp", seq=4096, checkpointing=True)
     assert ddp["total"] == one["total"]
     assert zero1["total"] == one["total"] - int(one["optimizer"] * 7 / 8)
     states = one["weights"] + one["gradients"] + one["optimizer"]
-    assert fsdp["sharded_away"] == int(states * 7 / 8)
+    assert fsdp["at_step"] == one["at_step"] - int(states * 7 / 8)
+    assert fsdp["at_backward"] == one["at_backward"] - int((one["weights"] + one["optimizer"]) * 7 / 8)
+    assert fsdp["total"] == max(fsdp["at_backward"], fsdp["at_step"]) + fsdp["gathered"]
+    longer = sharded_memory_estimate(config, 1, 8, "fsdp", seq=32768, checkpointing=True)
+    assert longer["total"] > fsdp["total"]  # once sharded, activations decide the peak
     assert 0 < fsdp["gathered"] < one["weights"] / 2  # a few blocks and the root, not the model
     assert fsdp["total"] < zero1["total"] < ddp["total"]
     single = sharded_memory_estimate(config, 1, 1, "fsdp", seq=4096, checkpointing=True)

@@ -297,7 +297,8 @@ def sharded_memory_estimate(config: ModelConfig, batch: int, world_size: int, sc
     ``memory_peaks`` (same ``options``: optimizer, checkpointing, loss_chunk...) gives one rank's
     step; ``scheme`` then splits the model states: 'ddp' none, 'zero1' the optimizer state, 'fsdp'
     weights, gradients and optimizer state. Both peaks of ``memory_peaks`` are recomputed with the
-    sharded states (the one at the start of backward may then be the larger). FSDP adds what it gathers: the root's weights (embedding, head) for the whole step and two
+    sharded states (the one at the start of backward may then be the larger). FSDP adds what it
+    gathers: the root's weights (embedding, head) for the whole step and two
     blocks' weights at a time (the one computing, the next one prefetched) in ``dtype``, plus
     one block's gradients in float32 before they are reduce-scattered.
     """

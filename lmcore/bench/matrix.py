@@ -60,8 +60,12 @@ class MatrixConfig:
     name: str = "matrix"  # file-name prefix
 
 
-def model_config(name: str, seq: int, attention: str, block_size: int):
-    """The ``ModelConfig`` of shape ``name`` at context ``seq`` with attention backend ``attention``."""
+def model_config(name: str, seq: int, attention: str, block_size: int, impl: str = "auto"):
+    """The ``ModelConfig`` of shape ``name`` at context ``seq`` with attention backend ``attention``.
+
+    ``impl`` is the block-sparse implementation of block_sparse and nsa ('torch' on a CPU, so that a
+    Triton interpreter left on never runs them).
+    """
     from lmcore.nn import PRESETS, ModelConfig
 
     if name not in MODELS and name not in PRESETS:
@@ -69,7 +73,9 @@ def model_config(name: str, seq: int, attention: str, block_size: int):
     preset, overrides = MODELS.get(name, (name, {}))
     options = {}
     if attention == "block_sparse":  # a sliding window of a quarter of the context
-        options = dict(pattern="local", window=max(block_size, seq // 4), block_size=block_size)
+        options = dict(pattern="local", window=max(block_size, seq // 4), block_size=block_size, impl=impl)
+    elif attention == "nsa":
+        options = dict(block_size=block_size, impl=impl)
     return ModelConfig.preset(preset, **overrides, context_length=seq, attention_backend=attention,
                               attention_options=options)
 
@@ -87,7 +93,8 @@ def _measure(cfg: MatrixConfig, attention: str, wrapper: str, rank: int, device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
-    model = TransformerLM(model_config(cfg.model, cfg.seq, attention, cfg.block_size), device=device)
+    impl = "auto" if cuda else "torch"
+    model = TransformerLM(model_config(cfg.model, cfg.seq, attention, cfg.block_size, impl), device=device)
     model.activation_checkpointing = cfg.checkpointing
     if wrapper == "fsdp":
         net = wrap_model(model, "fsdp", mixed_precision="bf16" if cfg.dtype == "bf16" else "fp32")
@@ -136,8 +143,9 @@ def _worker(rank: int, world: int, cfg_dict: dict) -> list[dict]:
             row = {"backend": attention, "wrapper": wrapper}
             try:
                 row.update(_measure(cfg, attention, wrapper, rank, device), status="ok")
-            except Exception as err:  # noqa: BLE001 - a backend that cannot run here (or out of memory) is recorded
-                row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+            except Exception as err:  # noqa: BLE001 - a backend that cannot run here (or OOM) is recorded
+                first = str(err).splitlines()[0][:160] if str(err) else ""
+                row["status"] = f"error: {type(err).__name__}: {first}"
             failed = torch.tensor([float(row["status"] != "ok")], device=device)
             dist.all_reduce(failed)  # every rank agrees before the next configuration's collectives
             if failed.item() and row["status"] == "ok":
@@ -200,8 +208,8 @@ def heat_map(rows: list[dict], path: str, title: str) -> None:
         grid[i, j] = eff if eff is not None else np.nan
         text = f"{eff:.2f}\n{r['tokens_per_s']:.3g} tok/s" if eff is not None else "n/a"
         ax.text(j, i, text, ha="center", va="center", fontsize=7)
-    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(1.0, float(np.nanmax(grid)) if np.isfinite(grid).any()
-                                                              else 1.0))
+    top = float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0
+    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(1.0, top))
     ax.set_xticks(range(len(wrappers)), wrappers)
     ax.set_yticks(range(len(backends)), backends)
     ax.set_title(title, fontsize=9)
@@ -219,8 +227,8 @@ def report(rows: list[dict], cfg: MatrixConfig, device: str) -> str:
     lines = [f"# Kernel x data-parallel matrix: {cfg.model}, context {cfg.seq}, {cfg.world_size} x {device}",
              "", f"batch {cfg.batch} sequences per rank, {cfg.dtype}; efficiency against the same backend "
              "without communication.", "",
-             "| backend | wrapper | tokens/s | scaling efficiency | peak GB/rank | estimate GB | memory overhead "
-             "| status |", "|---|---|---|---|---|---|---|---|"]
+             "| backend | wrapper | tokens/s | scaling efficiency | peak GB/rank | estimate GB "
+             "| memory overhead | status |", "|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         lines.append(f"| {r['backend']} | {r['wrapper']} | {fmt(r.get('tokens_per_s'), '.0f')} | "
@@ -232,7 +240,8 @@ def report(rows: list[dict], cfg: MatrixConfig, device: str) -> str:
         ok = [r for r in rows if r["backend"] == b and r.get("scaling_efficiency") is not None
               and r["wrapper"] != "none"]
         if ok:
-            best, worst = max(ok, key=lambda r: r["scaling_efficiency"]), min(ok, key=lambda r: r["scaling_efficiency"])
+            by_eff = sorted(ok, key=lambda r: r["scaling_efficiency"])
+            best, worst = by_eff[-1], by_eff[0]
             lines.append(f"- {b}: best {best['wrapper']} ({best['scaling_efficiency']:.3f}), "
                          f"worst {worst['wrapper']} ({worst['scaling_efficiency']:.3f})")
     return "\n".join(lines) + "\n"
@@ -242,9 +251,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lmcore.bench matrix", description=__doc__.split("\n\n")[1])
     p.add_argument("--quick", action="store_true", help="2 gloo processes on CPU, tiny model (a smoke test)")
     p.add_argument("--model", default=None,
-                   help=f"{', '.join(MODELS)} or an lmcore.nn preset (default gpt2-medium-shape; quick: tiny)")
+                   help=f"{', '.join(MODELS)} or an lmcore.nn preset (default gpt2-medium-shape; "
+                        "quick: tiny)")
     p.add_argument("--seq", type=int, default=None, help="context length (default 1024; quick: 64)")
-    p.add_argument("--batch", type=int, default=None, help="sequences per rank per step (default 8; quick: 2)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per rank per step (default 8; "
+                   "quick: 2)")
     p.add_argument("--world-size", type=int, default=None, help="processes (default: every GPU; quick: 2)")
     p.add_argument("--backends", default=None, help=f"comma-separated subset of {','.join(BACKENDS)}")
     p.add_argument("--wrappers", default=",".join(WRAPPERS), help="comma-separated subset of the wrappers")
@@ -261,10 +272,12 @@ def make_config(args: argparse.Namespace) -> MatrixConfig:
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if not args.quick and gpus < 2:
-        raise SystemExit(f"matrix: needs at least 2 CUDA GPUs (found {gpus}); use --quick for the CPU smoke run")
+        raise SystemExit(f"matrix: needs at least 2 CUDA GPUs (found {gpus}); use --quick for the CPU "
+                         "smoke run")
     world = args.world_size or (2 if args.quick else gpus)
     if world < 2 or (not args.quick and world > gpus):
-        raise SystemExit(f"matrix: --world-size {world}: expected 2 <= world size <= {gpus if not args.quick else 'any'}")
+        most = gpus if not args.quick else "any"
+        raise SystemExit(f"matrix: --world-size {world}: expected 2 <= world size <= {most}")
     allowed = CPU_BACKENDS if args.quick else BACKENDS
     backends = args.backends.split(",") if args.backends else list(allowed)
     wrappers = args.wrappers.split(",")
@@ -275,7 +288,8 @@ def make_config(args: argparse.Namespace) -> MatrixConfig:
     if "none" not in wrappers:
         wrappers = ["none", *wrappers]  # the reference of every efficiency
     cfg = MatrixConfig(model=args.model or ("tiny" if args.quick else "gpt2-medium-shape"),
-                       seq=args.seq or (64 if args.quick else 1024), batch=args.batch or (2 if args.quick else 8),
+                       seq=args.seq or (64 if args.quick else 1024),
+                       batch=args.batch or (2 if args.quick else 8),
                        backends=backends, wrappers=wrappers, world_size=world,
                        backend="gloo" if args.quick else "nccl", dtype="fp32" if args.quick else "bf16",
                        steps=args.steps or (2 if args.quick else 10), warmup=1 if args.quick else 3,
@@ -310,7 +324,8 @@ def main(argv: list[str]) -> dict:
                "configurations": len(rows), "failed": sum(r["status"] != "ok" for r in rows)}
     result = {"metrics": metrics, "provenance": prov, "settings": dataclasses.asdict(cfg), "rows": rows,
               "wall_s": round(time.monotonic() - began, 1)}
-    out_dir = args.out_dir if args.out_dir is not None else (None if args.quick else os.path.join("book", "results"))
+    default_dir = None if args.quick else os.path.join("book", "results")
+    out_dir = args.out_dir if args.out_dir is not None else default_dir
     if out_dir:
         stem = os.path.join(out_dir, f"{cfg.name}-{gpu_slug(prov.get('gpu'))}-x{cfg.world_size}-{cfg.model}")
         files = {"csv": stem + ".csv", "json": stem + ".json", "png": stem + ".png", "report": stem + ".md"}

@@ -62,7 +62,8 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute block activations in backward
     seed: int = 0
     progress: bool = True  # progress bar
-    ddp: str = "none"  # data parallelism over the ranks torchrun started: none/naive/overlapped/bucketed/torch/fsdp
+    ddp: str = "none"  # data parallelism over the ranks torchrun started: none/naive/overlapped/bucketed/
+    #                    torch/fsdp
     bucket_size_mb: float = 25.0  # bucket size of ddp="bucketed" and ddp="torch"
     sharded_optimizer: bool = False  # ZeRO-1: each rank keeps optimizer state for its shard only
     consolidate_checkpoint: bool = False  # ddp="fsdp": also gather the sharded checkpoint into ckpt.pt
@@ -83,8 +84,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.ddp='fsdp' with sharded_optimizer=True: FSDP already shards the "
                              "optimizer state; expected sharded_optimizer=False")
         if self.consolidate_checkpoint and self.ddp != "fsdp":
-            raise ValueError(f"TrainConfig.consolidate_checkpoint=True with ddp={self.ddp!r}: only ddp='fsdp' "
-                             "writes sharded checkpoints; expected consolidate_checkpoint=False")
+            raise ValueError(f"TrainConfig.consolidate_checkpoint=True with ddp={self.ddp!r}: only "
+                             "ddp='fsdp' writes sharded checkpoints; expected consolidate_checkpoint=False")
         if not self.bucket_size_mb > 0:
             raise ValueError(f"TrainConfig.bucket_size_mb={self.bucket_size_mb!r} must be > 0")
         if self.dtype not in DTYPES:
@@ -233,7 +234,8 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
     config = {"model": model_config.to_dict(), "train": cfg.to_dict()}
     start = 0
     if resume is not None and fsdp != os.path.isdir(resume):
-        raise CheckpointError(f"cannot resume {'ddp=fsdp' if fsdp else f'ddp={cfg.ddp!r}'} from {os.fspath(resume)}: "
+        mode = "ddp=fsdp" if fsdp else f"ddp={cfg.ddp!r}"
+        raise CheckpointError(f"cannot resume {mode} from {os.fspath(resume)}: "
                               + ("a sharded run resumes from its sharded checkpoint folder (ckpt-sharded)"
                                  if fsdp else "a sharded checkpoint folder is resumed with ddp='fsdp' on as "
                                  "many ranks; or resume from a consolidated ckpt.pt"))
@@ -264,7 +266,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
             optimizer.load_state_dict(payload["optimizer"])
             set_rng_state(payload["rng"], batches)
             same_world = False
-        if world > 1 and not same_world:  # the checkpoint holds rank 0's generator; give every rank its own stream again
+        if world > 1 and not same_world:  # only rank 0's generator was saved: every rank gets its own stream
             batches.manual_seed(cfg.seed + 1 + rank + 1_000_003 * start)
     if group is not None and not fsdp:
         from lmcore.distributed import wrap_model

@@ -70,8 +70,8 @@ def read_meta(folder: str | os.PathLike) -> dict:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"sharded checkpoint {folder} has no readable meta.json ({type(err).__name__}); "
-                              f"{advice}") from None
+        raise CheckpointError(f"sharded checkpoint {folder} has no readable meta.json "
+                              f"({type(err).__name__}); {advice}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{folder} is not an lmcore sharded checkpoint (expected format {FORMAT!r})")
     for name, expected in meta["files"].items():

@@ -26,8 +26,8 @@ def _model_config() -> ModelConfig:
 
 def _run(rank, world, kind, out_dir, stop_at=None, resume=None, consolidate=False):
     cfg = TrainConfig(batch_size=2, grad_accum=2, max_iters=4, warmup_iters=1, eval_interval=2, eval_iters=1,
-                      log_interval=2, device="cpu", ddp=kind, out_dir=out_dir, progress=False, dtype="float32",
-                      checkpoint_interval=2, consolidate_checkpoint=consolidate)
+                      log_interval=2, device="cpu", ddp=kind, out_dir=out_dir, progress=False,
+                      dtype="float32", checkpoint_interval=2, consolidate_checkpoint=consolidate)
     result = train(_model_config(), cfg, TOKENS, TOKENS, stop_at=stop_at, resume=resume)
     if rank != 0:
         return None
@@ -94,8 +94,8 @@ def test_torchrun_pipeline_with_fsdp_resumes_from_the_sharded_checkpoint(tmp_pat
                    "--set", "vocab_size=280", "--set", "model.d_model=32", "--set", "model.n_layers=2",
                    "--set", "model.n_heads=2", "--set", "model.d_ff=64", "--set", "model.context_length=32",
                    "--set", f"train.max_iters={max_iters}", "--set", "train.batch_size=2",
-                   "--set", "train.eval_interval=2", "--set", "train.device=cpu", "--set", "train.warmup_iters=1",
-                   "--set", "sample.max_new_tokens=4"]
+                   "--set", "train.eval_interval=2", "--set", "train.device=cpu",
+                   "--set", "train.warmup_iters=1", "--set", "sample.max_new_tokens=4"]
         return subprocess.run(command, capture_output=True, text=True, timeout=240,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
 

@@ -150,7 +150,18 @@ def _bytes(dtype: str) -> int:
 def memory_estimate(config: ModelConfig, batch: int, seq: int | None = None, dtype: str = "bfloat16",
                     optimizer: str = "adamw", checkpointing: bool = False,
                     optimizer_options: dict | None = None, loss_chunk: int | None = None) -> dict[str, int]:
-    """Peak bytes of one training step: weights, gradients, optimizer state, activations.
+    """Peak bytes of one training step: weights, gradients, optimizer state, activations, logits, total.
+
+    See ``memory_peaks``, which also returns the two candidate peaks.
+    """
+    est = memory_peaks(config, batch, seq, dtype, optimizer, checkpointing, optimizer_options, loss_chunk)
+    return {k: v for k, v in est.items() if k not in ("at_backward", "at_step")}
+
+
+def memory_peaks(config: ModelConfig, batch: int, seq: int | None = None, dtype: str = "bfloat16",
+                 optimizer: str = "adamw", checkpointing: bool = False,
+                 optimizer_options: dict | None = None, loss_chunk: int | None = None) -> dict[str, int]:
+    """Peak bytes of one training step by part, and the two candidate peaks ``at_backward``, ``at_step``.
 
     Weights are float32 (``dtype`` is the autocast compute type). The peak comes either while
     backward starts (every activation saved, the logits' gradient being formed, no weight
@@ -200,7 +211,8 @@ def memory_estimate(config: ModelConfig, batch: int, seq: int | None = None, dty
         backward_start = max(backward_start, recompute)
     optimizer_step = weights + grads + opt + _step_temporaries(c, optimizer)  # + temporaries of the update
     return {"weights": weights, "gradients": grads, "optimizer": opt, "activations": activations,
-            "logits": logits, "total": max(backward_start, optimizer_step)}
+            "logits": logits, "at_backward": backward_start, "at_step": optimizer_step,
+            "total": max(backward_start, optimizer_step)}
 
 
 #: Float32 copies of one parameter alive at once inside an ``lmcore.optim`` step, counted from the code:
@@ -272,3 +284,43 @@ def tracked_peak_memory(config: ModelConfig, batch: int, seq: int | None = None,
     with tracker:
         step()
     return int(tracker.get_tracker_snapshot("peak")[torch.device(device)]["Total"])
+
+
+#: Data-parallel schemes of ``sharded_memory_estimate``: what each splits over the ranks.
+SHARDING = ("ddp", "zero1", "fsdp")
+
+
+def sharded_memory_estimate(config: ModelConfig, batch: int, world_size: int, scheme: str = "fsdp",
+                            seq: int | None = None, dtype: str = "bfloat16", **options) -> dict[str, int]:
+    """Peak bytes per rank of one training step under data parallelism over ``world_size`` ranks.
+
+    ``memory_peaks`` (same ``options``: optimizer, checkpointing, loss_chunk...) gives one rank's
+    step; ``scheme`` then splits the model states: 'ddp' none, 'zero1' the optimizer state, 'fsdp'
+    weights, gradients and optimizer state. Both peaks of ``memory_peaks`` are recomputed with the
+    sharded states (the one at the start of backward may then be the larger). FSDP adds what it
+    gathers: the root's weights (embedding, head) for the whole step and two
+    blocks' weights at a time (the one computing, the next one prefetched) in ``dtype``, plus
+    one block's gradients in float32 before they are reduce-scattered.
+    """
+    if scheme not in SHARDING:
+        raise ValueError(f"scheme={scheme!r}: expected one of {', '.join(SHARDING)}")
+    if not (isinstance(world_size, int) and world_size >= 1):
+        raise ValueError(f"world_size={world_size!r}: expected a positive integer")
+    c = _check(config)
+    est = memory_peaks(c, batch, seq, dtype=dtype, **options)
+    keep = 1 - 1 / world_size
+    if scheme == "ddp":
+        return {**est, "sharded_away": 0, "gathered": 0}
+    if scheme == "zero1":
+        away = int(est["optimizer"] * keep)
+        return {**est, "at_backward": est["at_backward"] - away, "at_step": est["at_step"] - away,
+                "total": est["total"] - away, "sharded_away": away, "gathered": 0}
+    held = est["weights"] + est["optimizer"]  # at the start of backward (no gradients yet)
+    at_backward = est["at_backward"] - int(held * keep)
+    at_step = est["at_step"] - int((held + est["gradients"]) * keep)
+    block = _matrix_params_per_layer(c) + _vector_params_per_layer(c)
+    root = count_params(c) - c.n_layers * block
+    gathered = int(world_size > 1) * (_bytes(dtype) * (root + 2 * block) + 4 * block)
+    total = max(at_backward, at_step) + gathered
+    return {**est, "at_backward": at_backward, "at_step": at_step, "total": total,
+            "sharded_away": est["total"] - total + gathered, "gathered": gathered}

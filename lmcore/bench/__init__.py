@@ -19,6 +19,7 @@ BENCHMARKS = {
     "ddp": "data-parallel wrappers against torch DDP",
     "longctx": "long-context training (Qwen3 shape), Pythia against transformers, grouped-query FlashAttention",
     "profile": "what limits the FlashAttention kernels: tile candidates with their resources, Nsight Compute",
+    "matrix": "every attention backend x every data-parallel wrapper (DDP, ZeRO-1, FSDP2)",
     "optim": "optimizer step, training step and state memory of lmcore.optim against torch fused AdamW",
 }
 

@@ -2,6 +2,8 @@
 
 - ``NaiveDDP``, ``OverlappedDDP``, ``BucketedDDP``: average gradients over ranks, each a step
   closer to how ``torch.nn.parallel.DistributedDataParallel`` works (``lmcore.distributed.ddp``).
+- ``shard_model``: FSDP2, parameters, gradients and optimizer state sharded per Transformer block
+  (``lmcore.distributed.fsdp``).
 - ``ShardedOptimizer``: ZeRO stage 1, optimizer state split over ranks (``lmcore.distributed.sharded``).
 - ``launch``: run a function on N processes (gloo on CPU, NCCL on GPUs) from a script or a
   notebook, with collective timeouts so a failing rank never hangs the others
@@ -10,6 +12,7 @@
 """
 
 from lmcore.distributed.ddp import BucketedDDP, ModelMismatchError, NaiveDDP, OverlappedDDP, check_same_model
+from lmcore.distributed.fsdp import is_sharded, shard_model
 from lmcore.distributed.launch import (
     DistInfo,
     RankFailedError,
@@ -25,6 +28,6 @@ from lmcore.distributed.wrap import DDP_KINDS, make_optimizer, maybe_no_sync, sy
 __all__ = [
     "BucketedDDP", "DDP_KINDS", "DistInfo", "ModelMismatchError", "NaiveDDP", "OverlappedDDP",
     "RankFailedError", "ShardedOptimizer", "check_same_model", "default_backend", "free_port",
-    "init_from_env", "init_process_group", "launch", "make_optimizer", "maybe_no_sync",
-    "optimizer_state_bytes", "sync_gradients", "unwrap", "wrap_model",
+    "init_from_env", "init_process_group", "is_sharded", "launch", "make_optimizer", "maybe_no_sync",
+    "optimizer_state_bytes", "shard_model", "sync_gradients", "unwrap", "wrap_model",
 ]

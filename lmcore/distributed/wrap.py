@@ -22,16 +22,18 @@ import torch.distributed as dist
 from torch import nn
 
 from lmcore.distributed.ddp import BucketedDDP, NaiveDDP, OverlappedDDP, _DataParallel, check_same_model
+from lmcore.distributed.fsdp import is_sharded, shard_model
 from lmcore.distributed.sharded import ShardedOptimizer
 
-DDP_KINDS = ("none", "naive", "overlapped", "bucketed", "torch")
+DDP_KINDS = ("none", "naive", "overlapped", "bucketed", "torch", "fsdp")
 
 
-def wrap_model(model: nn.Module, kind: str, bucket_size_mb: float = 25.0) -> nn.Module:
-    """Wrap ``model`` for data parallelism: ``kind`` is one of none, naive, overlapped, bucketed, torch.
+def wrap_model(model: nn.Module, kind: str, bucket_size_mb: float = 25.0, **fsdp_options) -> nn.Module:
+    """Wrap ``model`` for data parallelism: ``kind`` is one of none, naive, overlapped, bucketed, torch, fsdp.
 
     'none' returns the model itself; 'torch' is ``torch.nn.parallel.DistributedDataParallel``
-    with ``bucket_cap_mb=bucket_size_mb`` (after the same cross-rank model check as ours).
+    with ``bucket_cap_mb=bucket_size_mb`` (after the same cross-rank model check as ours); 'fsdp'
+    shards the model in place with ``shard_model(model, **fsdp_options)`` (build the optimizer after).
     """
     if kind not in DDP_KINDS:
         raise ValueError(f"ddp kind {kind!r}: expected one of {', '.join(DDP_KINDS)}")
@@ -44,8 +46,10 @@ def wrap_model(model: nn.Module, kind: str, bucket_size_mb: float = 25.0) -> nn.
     if kind == "bucketed":
         return BucketedDDP(model, bucket_size_mb=bucket_size_mb)
     if not dist.is_initialized():
-        raise RuntimeError("ddp='torch' needs an initialized process group (init_from_env)")
+        raise RuntimeError(f"ddp={kind!r} needs an initialized process group (init_from_env)")
     check_same_model(model)
+    if kind == "fsdp":
+        return shard_model(model, **fsdp_options)
     device = next(model.parameters()).device
     device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else None
@@ -66,7 +70,13 @@ def sync_gradients(model: nn.Module) -> None:
 
 
 def maybe_no_sync(model: nn.Module, skip_sync: bool):
-    """``model.no_sync()`` when ``skip_sync`` (a micro-batch that is not the last), else a null context."""
+    """``model.no_sync()`` when ``skip_sync`` (a micro-batch that is not the last), else a null context.
+
+    A sharded model (FSDP) is told whether this backward reduce-scatters its gradients.
+    """
+    if is_sharded(model):
+        model.set_requires_gradient_sync(not skip_sync)
+        return contextlib.nullcontext()
     if skip_sync and hasattr(model, "no_sync"):
         return model.no_sync()
     return contextlib.nullcontext()

@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="data parallelism over the processes torchrun started (train.ddp)")
     parser.add_argument("--sharded-optimizer", action="store_true",
                         help="ZeRO-1: shard AdamW's state over the ranks (train.sharded_optimizer)")
+    parser.add_argument("--consolidate", action="store_true",
+                        help="--ddp fsdp: also gather the sharded checkpoint into ckpt.pt "
+                             "(train.consolidate_checkpoint)")
     parser.add_argument("--bucket-size-mb", type=float, default=None, help="bucket size for --ddp bucketed/torch")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -37,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.ddp={args.ddp}")
     if args.sharded_optimizer:
         overrides.append("train.sharded_optimizer=true")
+    if args.consolidate:
+        overrides.append("train.consolidate_checkpoint=true")
     if args.bucket_size_mb is not None:
         overrides.append(f"train.bucket_size_mb={args.bucket_size_mb}")
     try:

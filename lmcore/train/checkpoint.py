@@ -77,16 +77,18 @@ def set_rng_state(state: dict[str, Any], batch_generator: torch.Generator | None
 
 def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     iteration: int, config: dict, batch_generator: torch.Generator | None = None,
-                    extra: dict | None = None, optimizer_state: dict | None = None) -> None:
+                    extra: dict | None = None, optimizer_state: dict | None = None,
+                    model_state: dict | None = None) -> None:
     """Write a checkpoint to ``path`` atomically: a crash mid-write leaves the previous one intact.
 
-    ``optimizer_state`` replaces ``optimizer.state_dict()`` (a sharded optimizer's merged state).
+    ``optimizer_state`` replaces ``optimizer.state_dict()`` (a sharded optimizer's merged state),
+    ``model_state`` replaces ``model.state_dict()`` (a sharded model's gathered weights).
     """
     payload = {
         "format": FORMAT,
         "iteration": int(iteration),
         "config": config,
-        "model": model.state_dict(),
+        "model": model_state if model_state is not None else model.state_dict(),
         "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
         "rng": rng_state(batch_generator),
         "extra": extra or {},

@@ -197,7 +197,7 @@ def check_launch(train_config) -> None:
     if world > 1 and train_config.ddp == "none" and not train_config.sharded_optimizer:
         raise ConfigError(f"started as {world} processes (WORLD_SIZE={world}) but train.ddp='none': every "
                           "process would train the same model into the same out_dir; pass --ddp naive, "
-                          "overlapped, bucketed or torch, or start a single process")
+                          "overlapped, bucketed, torch or fsdp, or start a single process")
 
 
 def device_memory(device) -> tuple[int, str]:
@@ -213,14 +213,18 @@ def device_memory(device) -> tuple[int, str]:
 
 
 def check_memory(model_config, train_config) -> None:
-    """Refuse a batch whose training step clearly cannot fit (``lmcore.accounting.memory_estimate``)."""
-    from lmcore.accounting import memory_estimate
+    """Refuse a batch whose training step clearly cannot fit on one rank
+    (``lmcore.accounting.sharded_memory_estimate``: FSDP and ZeRO-1 split the model states)."""
+    from lmcore.accounting import sharded_memory_estimate
     from lmcore.utils import get_device
 
     device = get_device(train_config.device)
     bf16 = train_config.dtype == "bfloat16" or (train_config.dtype == "auto" and device.type == "cuda")
-    need = memory_estimate(model_config, train_config.batch_size, dtype="bfloat16" if bf16 else "float32",
-                           checkpointing=train_config.activation_checkpointing)["total"]
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    scheme = "fsdp" if train_config.ddp == "fsdp" else "zero1" if train_config.sharded_optimizer else "ddp"
+    need = sharded_memory_estimate(model_config, train_config.batch_size, world, scheme,
+                                   dtype="bfloat16" if bf16 else "float32",
+                                   checkpointing=train_config.activation_checkpointing)["total"]
     have, name = device_memory(device)
     if need > have:
         raise ConfigError(f"train.batch_size={train_config.batch_size}: one training step needs about "

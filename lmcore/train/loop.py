@@ -13,14 +13,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lmcore.distributed.fsdp import clip_sharded_grad_norm
 from lmcore.distributed.wrap import DDP_KINDS, maybe_no_sync, sync_gradients
 from lmcore.nn import ModelConfig, TransformerLM
+from lmcore.runfolders import remove_stale_staging
 from lmcore.train.batches import get_batch
 from lmcore.train.checkpoint import (CheckpointError, config_differences, load_checkpoint,
                                      remove_partial_writes, save_checkpoint, set_rng_state)
 from lmcore.train.functional import clip_grad_norm, cosine_lr, cross_entropy
 from lmcore.train.metrics import MetricsLog, plot_metrics
 from lmcore.train.optim import AdamW
+from lmcore.train.sharded_checkpoint import NAME as SHARDED_NAME
+from lmcore.train.sharded_checkpoint import full_checkpoint_state, load_sharded, read_meta, save_sharded
 from lmcore.utils import get_device, seed_everything
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -29,7 +33,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 #: may be extended); all others must match to resume.
 RESUME_MAY_CHANGE = frozenset({"eval_interval", "eval_iters", "log_interval", "checkpoint_interval",
                                "out_dir", "device", "compile", "progress", "ddp", "bucket_size_mb",
-                               "sharded_optimizer", "max_iters"})
+                               "sharded_optimizer", "max_iters", "consolidate_checkpoint"})
 
 
 @dataclass
@@ -58,9 +62,11 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute block activations in backward
     seed: int = 0
     progress: bool = True  # progress bar
-    ddp: str = "none"  # data parallelism over the ranks torchrun started: none/naive/overlapped/bucketed/torch
+    ddp: str = "none"  # data parallelism over the ranks torchrun started: none/naive/overlapped/bucketed/
+    #                    torch/fsdp
     bucket_size_mb: float = 25.0  # bucket size of ddp="bucketed" and ddp="torch"
     sharded_optimizer: bool = False  # ZeRO-1: each rank keeps optimizer state for its shard only
+    consolidate_checkpoint: bool = False  # ddp="fsdp": also gather the sharded checkpoint into ckpt.pt
     optimizer: str = "adamw"  # a name from lmcore.optim.OPTIMIZERS (adamw, adamw8bit, shampoo, soap, muon...)
     optimizer_options: dict = field(default_factory=dict)  # its other hyperparameters, e.g. precondition_frequency
 
@@ -74,6 +80,12 @@ class TrainConfig:
                              f"{self.checkpoint_interval} must be >= 0")
         if self.ddp not in DDP_KINDS:
             raise ValueError(f"TrainConfig.ddp={self.ddp!r} is not one of {DDP_KINDS}")
+        if self.ddp == "fsdp" and self.sharded_optimizer:
+            raise ValueError("TrainConfig.ddp='fsdp' with sharded_optimizer=True: FSDP already shards the "
+                             "optimizer state; expected sharded_optimizer=False")
+        if self.consolidate_checkpoint and self.ddp != "fsdp":
+            raise ValueError(f"TrainConfig.consolidate_checkpoint=True with ddp={self.ddp!r}: only "
+                             "ddp='fsdp' writes sharded checkpoints; expected consolidate_checkpoint=False")
         if not self.bucket_size_mb > 0:
             raise ValueError(f"TrainConfig.bucket_size_mb={self.bucket_size_mb!r} must be > 0")
         if self.dtype not in DTYPES:
@@ -110,6 +122,7 @@ class TrainResult:
 
 def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, sharded: bool = False):
     """AdamW with weight decay on matrices only (norm gains are not decayed); ZeRO-1 sharded if asked.
+    On an FSDP model (DTensor parameters) AdamW takes its ``foreach`` path, not the fused kernel.
 
     ``cfg.optimizer`` other than ``"adamw"`` builds that optimizer of :mod:`lmcore.optim` instead.
     """
@@ -127,6 +140,8 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, sharded: bool 
     other = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.ddp == "fsdp":
+        kwargs["fused"] = False
     if sharded:
         from lmcore.distributed import ShardedOptimizer
 
@@ -173,6 +188,20 @@ def evaluate(model, tokens, batch_size: int, iters: int, device, dtype: str = "a
     return float(np.mean(losses))
 
 
+def gathered_model(model, model_config: ModelConfig, writer: bool):
+    """A sharded model's weights gathered into a plain ``TransformerLM`` on rank 0 (a collective);
+    other ranks keep the sharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not writer:
+        return model
+    plain = TransformerLM(model_config)
+    plain.load_state_dict(state)
+    device = next(model.parameters()).device
+    return plain.to(device)
+
+
 def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -194,12 +223,24 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
     seed_everything(cfg.seed)  # the same initial weights on every rank
     model = TransformerLM(model_config).to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
+    fsdp = group is not None and cfg.ddp == "fsdp"
+    if fsdp:  # sharded before the optimizer is built: it steps the shards
+        from lmcore.distributed import wrap_model
+
+        precision = {"float32": "fp32", "bfloat16": "bf16"}.get(cfg.dtype, "auto")
+        model = wrap_model(model, "fsdp", mixed_precision=precision)
     optimizer = configure_optimizer(model, cfg, sharded=group is not None and cfg.sharded_optimizer)
     batches = torch.Generator().manual_seed(cfg.seed + 1 + rank)  # each rank draws its own batches
     config = {"model": model_config.to_dict(), "train": cfg.to_dict()}
     start = 0
+    if resume is not None and fsdp != os.path.isdir(resume):
+        mode = "ddp=fsdp" if fsdp else f"ddp={cfg.ddp!r}"
+        raise CheckpointError(f"cannot resume {mode} from {os.fspath(resume)}: "
+                              + ("a sharded run resumes from its sharded checkpoint folder (ckpt-sharded)"
+                                 if fsdp else "a sharded checkpoint folder is resumed with ddp='fsdp' on as "
+                                 "many ranks; or resume from a consolidated ckpt.pt"))
     if resume is not None:
-        payload = load_checkpoint(resume)
+        payload = read_meta(resume) if fsdp else load_checkpoint(resume)
         saved_train = payload["config"].get("train", {})  # checkpoints from before optimizers had a name
         saved_train.setdefault("optimizer", "adamw")
         saved_train.setdefault("optimizer_options", {})
@@ -217,12 +258,17 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
             print(f"resuming at iteration {start} with max_iters {before} -> {cfg.max_iters}: the cosine "
                   f"schedule now spans {cfg.max_iters} iterations, so the learning rate continues from its "
                   f"value at iteration {start} of the longer schedule", file=sys.stderr)
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        set_rng_state(payload["rng"], batches)
-        if world > 1:  # the checkpoint holds rank 0's generator; give every rank its own stream again
+        if fsdp:
+            meta = load_sharded(resume, model=model, optimizer=optimizer, batch_generator=batches)
+            same_world = meta["world_size"] == world
+        else:
+            model.load_state_dict(payload["model"])
+            optimizer.load_state_dict(payload["optimizer"])
+            set_rng_state(payload["rng"], batches)
+            same_world = False
+        if world > 1 and not same_world:  # only rank 0's generator was saved: every rank gets its own stream
             batches.manual_seed(cfg.seed + 1 + rank + 1_000_003 * start)
-    if group is not None:
+    if group is not None and not fsdp:
         from lmcore.distributed import wrap_model
 
         net = wrap_model(model, cfg.ddp, bucket_size_mb=cfg.bucket_size_mb)  # averages gradients over ranks
@@ -237,12 +283,24 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
     writer = rank == 0  # only rank 0 logs and writes files
     if out and writer:
         remove_partial_writes(out)  # a checkpoint write that was killed leaves its temporary file
+        remove_stale_staging(out)  # (a sharded one, its staging folder)
     log = MetricsLog(os.path.join(out, "metrics.jsonl") if out and writer else None,
                      append=resume is not None, after=start)
     ckpt_path = os.path.join(out, "ckpt.pt") if out else None
+    sharded_path = os.path.join(out, SHARDED_NAME) if out and fsdp else None
     tokens_per_iter = cfg.batch_size * model_config.context_length * cfg.grad_accum * world
 
     def save(iteration):
+        if fsdp:  # every rank writes its shards; gathered into ckpt.pt only when asked
+            save_sharded(sharded_path, model=model, optimizer=optimizer, iteration=iteration, config=config,
+                         batch_generator=batches)
+            if cfg.consolidate_checkpoint:
+                model_state, optim_state = full_checkpoint_state(model, optimizer)
+                if writer:
+                    save_checkpoint(ckpt_path, model=model, optimizer=optimizer, iteration=iteration,
+                                    config=config, batch_generator=batches, optimizer_state=optim_state,
+                                    model_state=model_state)
+            return
         # a sharded optimizer merges its shards (a collective: every rank takes part)
         state = optimizer.full_state_dict() if hasattr(optimizer, "full_state_dict") else None
         if writer:
@@ -269,7 +327,12 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
                 loss.backward()
             loss_sum += loss.detach()
         sync_gradients(net)  # wait for the averaged gradients (a no-op without data parallelism)
-        grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        if cfg.grad_clip <= 0:
+            grad_norm = None
+        elif fsdp:
+            grad_norm = clip_sharded_grad_norm(model, cfg.grad_clip)
+        else:
+            grad_norm = clip_grad_norm(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         iteration = it + 1
@@ -295,4 +358,6 @@ def train(model_config: ModelConfig, cfg: TrainConfig, train_tokens, val_tokens=
         save(final)
         if writer:
             plot_metrics(log.records, os.path.join(out, "curves.png"))
+    if fsdp:  # rank 0 gets a plain model with the gathered weights (to sample, count, save)
+        model = gathered_model(model, model_config, writer)
     return TrainResult(model=model, optimizer=optimizer, iteration=final, history=log.records, checkpoint=ckpt_path)

@@ -18,6 +18,9 @@ Data-parallel: start one process per GPU (or CPU process) with ``torchrun`` and 
 
     torchrun --nproc-per-node 2 -m lmcore.train --config stories-tiny --ddp bucketed --sharded-optimizer
 
+``--ddp fsdp`` shards the model (FSDP2) and writes a sharded checkpoint folder ``ckpt-sharded/``
+(``--consolidate`` also gathers it into the usual ``ckpt.pt``); ``--resume`` continues from it.
+
 Several nodes join through a rendezvous endpoint, the same command on each node::
 
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
@@ -231,7 +234,7 @@ def check_config(config: dict) -> tuple:
 
 
 #: The files of a training run in ``out_dir`` (the data stage's files are not a run: they are reused).
-RUN_FILES = ("ckpt.pt", "metrics.jsonl", "summary.json", "curves.png")
+RUN_FILES = ("ckpt.pt", "ckpt-sharded", "metrics.jsonl", "summary.json", "curves.png")
 
 
 def holds_training_run(folder) -> str | None:
@@ -242,9 +245,11 @@ def holds_training_run(folder) -> str | None:
 def choose_out_dir(config: dict, policy: str) -> tuple[str, str]:
     """Where this run writes (``lmcore.runfolders`` policies) and the decision in one line; reads only."""
     folder, decision = choose_folder(config["out_dir"], holds_training_run, policy, what="training run")
-    if policy == "resume" and not os.path.exists(os.path.join(folder, "ckpt.pt")):
-        raise ConfigError(f"--resume: there is no checkpoint {os.path.join(folder, 'ckpt.pt')} to continue "
-                          "from; run without --resume to start training")
+    if policy == "resume":
+        checkpoint = resume_checkpoint(os.fspath(folder), config["train"].get("ddp", "none"))
+        if not os.path.exists(checkpoint):
+            raise ConfigError(f"--resume: there is no checkpoint {checkpoint} to continue from; run without "
+                              "--resume to start training")
     if policy == "resume" and os.path.exists(os.path.join(folder, "data.json")):
         diffs = data_differences(os.fspath(folder), data_settings(config))
         if diffs:
@@ -253,13 +258,23 @@ def choose_out_dir(config: dict, policy: str) -> tuple[str, str]:
     return os.fspath(folder), decision
 
 
+def resume_checkpoint(out_dir: str, ddp: str) -> str:
+    """What ``--resume`` continues from: the sharded folder of an FSDP run, else ``ckpt.pt``."""
+    return os.path.join(out_dir, "ckpt-sharded" if ddp == "fsdp" else "ckpt.pt")
+
+
 def clear_training_run(out_dir: str) -> None:
     """``--overwrite``: remove the earlier run's files (its data stage stays, checked by data.json)."""
     from lmcore.train.checkpoint import remove_partial_writes
 
+    import shutil
+
     for name in RUN_FILES:
-        if os.path.exists(os.path.join(out_dir, name)):
-            os.unlink(os.path.join(out_dir, name))
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.unlink(path)
     remove_partial_writes(out_dir)
 
 
@@ -306,7 +321,7 @@ def run(config: dict, progress: bool = True, resume: bool = False, policy: str |
     check_token_counts(len(train_tokens), len(val_tokens), len(tokenizer.encode(sample.prompt)), model_config,
                        sample)
     train_config = dataclasses.replace(train_config, progress=progress and train_config.progress)
-    checkpoint = os.path.join(out_dir, "ckpt.pt") if policy == "resume" else None
+    checkpoint = resume_checkpoint(out_dir, train_config.ddp) if policy == "resume" else None
     result = train(model_config, train_config, train_tokens, val_tokens, resume=checkpoint)
     if not writer:
         return {"rank": group.rank, "iterations": result.iteration}

@@ -137,3 +137,33 @@ def test_chunked_loss_and_partial_checkpointing_save_what_they_should():
     assert every == sorted(every, reverse=True)  # checkpointing more blocks keeps fewer activations
     with pytest.raises(ValueError, match="activation_checkpointing=0"):
         memory_estimate(config, 1, 1024, checkpointing=0)
+
+
+def test_sharded_memory_estimate_splits_model_states_over_ranks():
+    from lmcore.accounting import memory_estimate, sharded_memory_estimate
+
+    config = ModelConfig.preset("qwen3-0.6b")
+    from lmcore.accounting import memory_peaks
+
+    one = memory_peaks(config, 1, 4096, checkpointing=True)
+    assert {k: one[k] for k in memory_estimate(config, 1, 4096, checkpointing=True)} == \
+        memory_estimate(config, 1, 4096, checkpointing=True)
+    ddp = sharded_memory_estimate(config, 1, 8, "ddp", seq=4096, checkpointing=True)
+    zero1 = sharded_memory_estimate(config, 1, 8, "zero1", seq=4096, checkpointing=True)
+    fsdp = sharded_memory_estimate(config, 1, 8, "fsdp", seq=4096, checkpointing=True)
+    assert ddp["total"] == one["total"]
+    assert zero1["total"] == one["total"] - int(one["optimizer"] * 7 / 8)
+    states = one["weights"] + one["gradients"] + one["optimizer"]
+    assert fsdp["at_step"] == one["at_step"] - int(states * 7 / 8)
+    assert fsdp["at_backward"] == one["at_backward"] - int((one["weights"] + one["optimizer"]) * 7 / 8)
+    assert fsdp["total"] == max(fsdp["at_backward"], fsdp["at_step"]) + fsdp["gathered"]
+    longer = sharded_memory_estimate(config, 1, 8, "fsdp", seq=32768, checkpointing=True)
+    assert longer["total"] > fsdp["total"]  # once sharded, activations decide the peak
+    assert 0 < fsdp["gathered"] < one["weights"] / 2  # a few blocks and the root, not the model
+    assert fsdp["total"] < zero1["total"] < ddp["total"]
+    single = sharded_memory_estimate(config, 1, 1, "fsdp", seq=4096, checkpointing=True)
+    assert single["gathered"] == 0 and single["total"] == one["total"]
+    with pytest.raises(ValueError, match="scheme='zero3'"):
+        sharded_memory_estimate(config, 1, 8, "zero3")
+    with pytest.raises(ValueError, match="world_size=0"):
+        sharded_memory_estimate(config, 1, 0)

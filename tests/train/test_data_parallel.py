@@ -50,8 +50,12 @@ def test_ranks_stay_identical_and_rank_zero_writes(tmp_path, kind, sharded):
 
 
 def test_train_config_refuses_unknown_ddp():
-    with pytest.raises(ValueError, match="ddp='fsdp' is not one of"):
-        TrainConfig(ddp="fsdp")
+    with pytest.raises(ValueError, match="ddp='zero3' is not one of"):
+        TrainConfig(ddp="zero3")
+    with pytest.raises(ValueError, match="FSDP already shards the optimizer state"):
+        TrainConfig(ddp="fsdp", sharded_optimizer=True)
+    with pytest.raises(ValueError, match="only ddp='fsdp' writes sharded checkpoints"):
+        TrainConfig(ddp="torch", consolidate_checkpoint=True)
 
 
 def test_torchrun_pipeline_with_bucketed_ddp_and_sharded_optimizer(tmp_path):

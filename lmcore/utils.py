@@ -95,12 +95,17 @@ def explore(function: Callable[..., Any], **controls: Any) -> Any:
     Each control is a list/tuple of choices or a ``(low, high, step)`` triple of numbers, as
     ``ipywidgets.interact`` accepts them. When the book is rendered the function is called once,
     with each control at the function's own default for that argument, or else at its first
-    choice (``low`` for a range), so the page shows a static figure.
+    choice (``low`` for a range), so the page shows a static figure; so is a kernel without
+    ``ipywidgets``. Returns nothing when it shows controls, else what ``function`` returned.
     """
     if interactive():
-        import ipywidgets
-
-        return ipywidgets.interact(function, **controls)
+        try:
+            import ipywidgets
+        except ImportError:  # a kernel without ipywidgets draws the static figure instead
+            ipywidgets = None
+        if ipywidgets is not None:
+            ipywidgets.interact(function, **controls)  # displays the controls and the function's output
+            return None
     signature = inspect.signature(function)
     values = {}
     for name, spec in controls.items():

@@ -158,3 +158,11 @@ def test_readme_and_ci_run_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     assert "make book" in readme and "make test" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_chapter_code_does_not_read_the_build_environment(path):
+    """A reader's kernel has none of what the build sets: chapters ask lmcore (is_static, chapter_notebook)."""
+    code = code_of(path)
+    for name in ("LMCORE_STATIC", "LMCORE_SOURCE", "LMCORE_RESULTS", "papermill"):
+        assert name not in code, f"{path.name}: a code cell reads {name}; use lmcore.utils instead"

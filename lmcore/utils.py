@@ -119,6 +119,32 @@ def explore(function: Callable[..., Any], **controls: Any) -> Any:
     return function(**values)
 
 
+def install_command(source: str | os.PathLike, constraints: str | os.PathLike | None = None,
+                    extras: str = "book") -> str:
+    """The arguments of ``pip install`` that install lmcore with ``extras`` from ``source``.
+
+    ``source`` is a repository URL (``https://github.com/owner/name``, optionally ``@branch``), a
+    ``git+`` URL, or a local wheel or source folder; ``constraints`` (a URL or a path to
+    ``constraints.txt``) pins every version to the book's. The Colab cell of each chapter is built
+    from this (``python -m lmcore.book colab``), so a test can run it against a local wheel.
+    """
+    import shlex
+    from pathlib import Path
+
+    text = os.fspath(source)
+    if text.startswith(("https://", "http://", "git+")):
+        url = text if text.startswith("git+") else f"git+{text}"
+    elif Path(text).exists():
+        url = Path(text).resolve().as_uri()
+    else:
+        raise ValueError(f"source={text!r} is neither a repository URL nor an existing wheel or folder of lmcore")
+    requirement = f"lmcore[{extras}] @ {url}" if extras else f"lmcore @ {url}"
+    pins = []
+    if constraints is not None:
+        pins = ["-c", os.fspath(constraints)]
+    return " ".join(shlex.quote(part) for part in (*pins, requirement))
+
+
 def source(obj: Any) -> str:
     """The source code of a function, class or module of lmcore, dedented."""
     return textwrap.dedent(inspect.getsource(obj))

@@ -30,7 +30,9 @@ SCREENSHOTS = ROOT / "_build" / "screenshots" / "lab"  # beside the rendered pag
 
 # The open notebook panel, through the application object JupyterLab exposes (expose_app_in_browser).
 PANEL_JS = "const panel = window.jupyterapp.shell.currentWidget;"
-KERNEL_IDLE_JS = PANEL_JS + """
+KERNEL_IDLE_JS = """
+if (!window.jupyterapp || !window.jupyterapp.shell) return false;  // the page is still loading
+""" + PANEL_JS + """
 const kernel = panel && panel.sessionContext && panel.sessionContext.session && panel.sessionContext.session.kernel;
 return !!(kernel && kernel.status === 'idle' && panel.content.widgets.length > 0);"""
 RUN_UP_TO_JS = PANEL_JS + """

@@ -1,6 +1,7 @@
-# Two commands, each doing its own set-up from nothing:
+# Each command does its own set-up from nothing:
 #   make book   executes every chapter at its default parameters and builds _build/html
 #   make test   runs the whole test suite (chapters at their test-sized parameters included)
+#   make lab    starts JupyterLab on book/ (a free local port; prints the URL) to run the chapters yourself
 PYTHON      ?= python3
 VENV        ?= .venv
 CONSTRAINTS := constraints.txt
@@ -8,7 +9,7 @@ EXTRAS      := book,test
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.lmcore-installed
 
-.PHONY: all setup book test test-gpu clean
+.PHONY: all setup book lab test test-gpu clean
 
 all: test
 
@@ -24,6 +25,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 book: setup
 	$(PY) -m lmcore.book build
+
+lab: setup
+	$(PY) -m lmcore.lab book
 
 test: setup
 	$(PY) -m pytest

@@ -216,6 +216,53 @@ def execute_notebook(
         raise ChapterError(f"chapter {source.name} could not be executed: {type(err).__name__}: {err}") from err
 
 
+COLAB_CELL = """import sys
+if "google.colab" in sys.modules:  # running on Colab: install lmcore, its book extras and pinned versions first
+    %pip install -q {command}"""
+
+
+def repository(root: Path) -> tuple[str, str]:
+    """The book's repository URL and branch, from ``_config.yml`` (the one place that names them)."""
+    import yaml
+
+    with open(root / "_config.yml", encoding="utf-8") as f:
+        repo = (yaml.safe_load(f) or {}).get("repository") or {}
+    if not str(repo.get("url", "")).startswith("https://"):
+        raise ValueError(f"{root / '_config.yml'}: repository.url={repo.get('url')!r}; expected an https URL")
+    return repo["url"].rstrip("/"), str(repo.get("branch") or "main")
+
+
+def colab_cell(root: Path) -> str:
+    """The install cell every chapter starts with: lmcore from the repository, at its constraints.txt."""
+    from lmcore.utils import install_command
+
+    url, branch = repository(root)
+    raw = url.replace("https://github.com/", "https://raw.githubusercontent.com/") + f"/{branch}/constraints.txt"
+    return COLAB_CELL.format(command=install_command(f"{url}@{branch}", constraints=raw))
+
+
+def write_colab_cells(root: Path) -> list[Path]:
+    """Rewrite each chapter's Colab install cell (the code cell mentioning google.colab) from ``_config.yml``.
+
+    Only that cell's source changes; the rest of the file keeps its bytes (key order, ids, layout).
+    """
+    changed = []
+    want = colab_cell(root).splitlines(keepends=True)
+    for notebook in chapters(root):
+        text = notebook.read_text(encoding="utf-8")
+        nb = json.loads(text)
+        cell = next((c for c in nb["cells"] if c["cell_type"] == "code" and "google.colab" in "".join(c["source"])),
+                    None)
+        if cell is None:
+            raise ValueError(f"{notebook.name} has no Colab install cell (a code cell mentioning google.colab)")
+        if cell["source"] != want:
+            cell["source"] = want
+            with atomic_write(notebook) as f:
+                f.write(json.dumps(nb, indent=1, ensure_ascii=False) + ("\n" if text.endswith("\n") else ""))
+            changed.append(notebook)
+    return changed
+
+
 def stage(root: Path, stage_dir: Path) -> Path:
     """Copy the book's sources into a clean ``stage_dir`` and return it."""
     if stage_dir.exists():
@@ -371,11 +418,16 @@ def main(argv: list[str] | None = None) -> int:
                         "build of the same source, or become placeholder pages")
     b.add_argument("--output", default=None, help="where to publish the HTML (default _build/html)")
     sub.add_parser("chapters", help="list the chapters in reading order")
+    sub.add_parser("colab", help="rewrite each chapter's Colab install cell from the repository in _config.yml")
     args = parser.parse_args(argv)
     root = find_root()
     if args.command == "chapters":
         for nb in chapters(root):
             print(nb.relative_to(root))
+        return 0
+    if args.command == "colab":
+        for nb in write_colab_cells(root):
+            print("rewrote the Colab cell of", nb.relative_to(root))
         return 0
     try:
         build(root, profile=args.profile, output=Path(args.output) if args.output else None, only=args.only)

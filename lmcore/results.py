@@ -111,14 +111,51 @@ def gpu_slug(name: str | None) -> str:
 
 
 def results_dir() -> Path:
-    """The book's ``book/results`` folder, found from the working directory (or lmcore's checkout)."""
+    """Where the recorded GPU results are: beside the running chapter, else with lmcore, else an error.
+
+    1. ``results/`` beside the chapter's notebook (:func:`lmcore.utils.chapter_notebook`; in a checkout
+       that is ``book/results``), or ``book/results`` of the book root above the working directory;
+    2. the ``book/results`` of lmcore's own checkout (an editable install), else the copy installed
+       with the package (``<prefix>/share/lmcore/results``, e.g. on Colab);
+    3. else ``FileNotFoundError`` naming where to download them from.
+    """
     from lmcore.book import find_root
+    from lmcore.utils import SOURCE_ENV
+
+    source = os.environ.get(SOURCE_ENV)  # the chapter's notebook, when the book build runs it
+    candidates = [Path(source).resolve().parent / "results" if source else None, Path.cwd() / "results"]
+    for start in (None, Path(__file__).parent):
+        try:
+            candidates.append(find_root(start) / "book" / "results")
+        except FileNotFoundError:
+            pass
+    candidates.append(installed_results_dir())
+    for folder in filter(None, candidates):
+        if folder.is_dir() and any(folder.glob("*-*.json")):
+            return folder
+    raise FileNotFoundError(
+        "no recorded GPU results beside this notebook (./results), in a book checkout or installed with "
+        f"lmcore ({installed_results_dir()}); download the folder book/results of {repository_url()} into "
+        "./results, or run the chapter's `python -m lmcore.bench ...` command on a GPU to record your own")
+
+
+def installed_results_dir() -> Path:
+    """The copy of ``book/results`` a (non-editable) install of lmcore carries as data files."""
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["data"]) / "share" / "lmcore" / "results"
+
+
+def repository_url() -> str:
+    """The book's repository, from lmcore's metadata (pyproject's ``Repository``, kept equal to _config.yml's)."""
+    from importlib.metadata import PackageNotFoundError, metadata
 
     try:
-        root = find_root()
-    except FileNotFoundError:
-        root = find_root(Path(__file__).parent)
-    return root / "book" / "results"
+        urls = metadata("lmcore").get_all("Project-URL") or []
+    except PackageNotFoundError:
+        urls = []
+    found = [u.split(",", 1)[1].strip() for u in urls if u.lower().startswith("repository,")]
+    return found[0] if found else "the book's repository"
 
 
 @dataclass

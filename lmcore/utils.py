@@ -95,12 +95,17 @@ def explore(function: Callable[..., Any], **controls: Any) -> Any:
     Each control is a list/tuple of choices or a ``(low, high, step)`` triple of numbers, as
     ``ipywidgets.interact`` accepts them. When the book is rendered the function is called once,
     with each control at the function's own default for that argument, or else at its first
-    choice (``low`` for a range), so the page shows a static figure.
+    choice (``low`` for a range), so the page shows a static figure; so is a kernel without
+    ``ipywidgets``. Returns nothing when it shows controls, else what ``function`` returned.
     """
     if interactive():
-        import ipywidgets
-
-        return ipywidgets.interact(function, **controls)
+        try:
+            import ipywidgets
+        except ImportError:  # a kernel without ipywidgets draws the static figure instead
+            ipywidgets = None
+        if ipywidgets is not None:
+            ipywidgets.interact(function, **controls)  # displays the controls and the function's output
+            return None
     signature = inspect.signature(function)
     values = {}
     for name, spec in controls.items():
@@ -112,6 +117,32 @@ def explore(function: Callable[..., Any], **controls: Any) -> Any:
         else:
             values[name] = spec
     return function(**values)
+
+
+def install_command(source: str | os.PathLike, constraints: str | os.PathLike | None = None,
+                    extras: str = "book") -> str:
+    """The arguments of ``pip install`` that install lmcore with ``extras`` from ``source``.
+
+    ``source`` is a repository URL (``https://github.com/owner/name``, optionally ``@branch``), a
+    ``git+`` URL, or a local wheel or source folder; ``constraints`` (a URL or a path to
+    ``constraints.txt``) pins every version to the book's. The Colab cell of each chapter is built
+    from this (``python -m lmcore.book colab``), so a test can run it against a local wheel.
+    """
+    import shlex
+    from pathlib import Path
+
+    text = os.fspath(source)
+    if text.startswith(("https://", "http://", "git+")):
+        url = text if text.startswith("git+") else f"git+{text}"
+    elif Path(text).exists():
+        url = Path(text).resolve().as_uri()
+    else:
+        raise ValueError(f"source={text!r} is neither a repository URL nor an existing wheel or folder of lmcore")
+    requirement = f"lmcore[{extras}] @ {url}" if extras else f"lmcore @ {url}"
+    pins = []
+    if constraints is not None:
+        pins = ["-c", os.fspath(constraints)]
+    return " ".join(shlex.quote(part) for part in (*pins, requirement))
 
 
 def source(obj: Any) -> str:

@@ -37,6 +37,29 @@ def test_explore_uses_function_defaults_when_static(monkeypatch):
     assert seen == {"a": 3, "b": 5}
 
 
+def test_explore_in_a_live_kernel_shows_controls_or_falls_back_to_the_static_figure(monkeypatch):
+    import builtins
+    import sys
+
+    monkeypatch.delenv(utils.STATIC_ENV, raising=False)
+    monkeypatch.setattr(utils, "interactive", lambda: True)
+    shown = []
+    monkeypatch.setitem(sys.modules, "ipywidgets", type(sys)("ipywidgets"))
+    sys.modules["ipywidgets"].interact = lambda function, **controls: shown.append(sorted(controls))
+    assert utils.explore(lambda a=1: a * 10, a=(1, 5, 1)) is None  # the controls, not a value to print
+    assert shown == [["a"]]
+    real_import = builtins.__import__
+
+    def no_ipywidgets(name, *args, **kwargs):
+        if name == "ipywidgets":
+            raise ImportError("no ipywidgets here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ipywidgets)
+    assert utils.explore(lambda a=2: a * 10, a=(1, 5, 1)) == 20  # the static figure, at the default
+
+
+
 def test_atomic_write_keeps_old_file_on_error(tmp_path):
     path = tmp_path / "f.txt"
     path.write_text("old")

@@ -37,6 +37,19 @@ def test_chapter_zero_records_its_results(built_book):
     assert f"{results['final_loss']:.4f}" in page, "the glued number does not appear in the prose"
 
 
+def test_launch_buttons_open_the_chapter_from_the_repository_in_config(built_book):
+    from lmcore.book import repository
+
+    html, _ = built_book
+    url, branch = repository(ROOT)
+    slug = url.removeprefix("https://github.com/")
+    for notebook in chapters(ROOT):
+        page = (html / "book" / f"{notebook.stem}.html").read_text()
+        path = f"book/{notebook.name}"
+        assert f"https://colab.research.google.com/github/{slug}/blob/{branch}/{path}" in page, notebook.name
+        assert f"https://mybinder.org/v2/gh/{slug}/{branch}?urlpath=lab/tree/{path}" in page, notebook.name
+
+
 def test_failing_chapter_names_chapter_and_cell_and_keeps_the_old_book(tmp_path):
     root = throwaway_book(tmp_path / "book-root", {
         "fine": [("markdown", "# Fine\n", []), ("code", "n = 1", ["parameters"]), ("code", "print(n)", [])],

@@ -160,3 +160,33 @@ def test_readme_and_ci_run_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     assert "make book" in readme and "make test" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_chapter_code_does_not_read_the_build_environment(path):
+    """A reader's kernel has none of what the build sets: chapters ask lmcore (is_static, chapter_notebook)."""
+    code = code_of(path)
+    for name in ("LMCORE_STATIC", "LMCORE_SOURCE", "LMCORE_RESULTS", "papermill"):
+        assert name not in code, f"{path.name}: a code cell reads {name}; use lmcore.utils instead"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_colab_cell_installs_from_the_repository_in_config(path, request):
+    from lmcore.book import colab_cell
+
+    if path.stem == "06-ddp":  # rewritten with that chapter's next change (python -m lmcore.book colab)
+        request.applymarker(pytest.mark.xfail(strict=True, reason="the Colab cell of 06 is not regenerated yet"))
+    cell = next(c for c in cells(path) if "google.colab" in "".join(c["source"]))
+    assert "".join(cell["source"]) == colab_cell(ROOT), \
+        f"{path.name}: its Colab cell is not the one _config.yml gives; run `python -m lmcore.book colab`"
+
+
+def test_the_repository_is_the_one_in_config():
+    from lmcore.book import repository
+
+    url, _ = repository(ROOT)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(rf'^Repository = "{re.escape(url)}"$', pyproject, re.M), \
+        f"pyproject.toml's [project.urls] Repository must be _config.yml's repository.url {url}"
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert config["launch_buttons"]["colab_url"] and config["launch_buttons"]["binderhub_url"]

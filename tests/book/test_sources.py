@@ -171,11 +171,9 @@ def test_chapter_code_does_not_read_the_build_environment(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_colab_cell_installs_from_the_repository_in_config(path, request):
+def test_colab_cell_installs_from_the_repository_in_config(path):
     from lmcore.book import colab_cell
 
-    if path.stem == "06-ddp":  # rewritten with that chapter's next change (python -m lmcore.book colab)
-        request.applymarker(pytest.mark.xfail(strict=True, reason="the Colab cell of 06 is not regenerated yet"))
     cell = next(c for c in cells(path) if "google.colab" in "".join(c["source"]))
     assert "".join(cell["source"]) == colab_cell(ROOT), \
         f"{path.name}: its Colab cell is not the one _config.yml gives; run `python -m lmcore.book colab`"

@@ -213,3 +213,13 @@ class atomic_write:
             if os.path.exists(self.tmp):
                 os.unlink(self.tmp)
         return False
+
+
+def closure_loss(closure):
+    """``torch.optim``'s closure contract: the loss ``closure()`` re-evaluates with gradients enabled, or None."""
+    if closure is None:
+        return None
+    import torch
+
+    with torch.enable_grad():
+        return closure()

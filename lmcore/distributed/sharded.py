@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lmcore.utils import closure_loss
+
 
 class ShardedOptimizer(torch.optim.Optimizer):
     """Wrap any ``torch.optim.Optimizer`` class: ``ShardedOptimizer(params, torch.optim.AdamW, lr=1e-3)``.
@@ -68,10 +70,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         if self.optimizer is not None:
             for full, local in zip(self.param_groups, self.optimizer.param_groups):
                 for k, v in full.items():  # e.g. a learning-rate scheduler changed 'lr'

@@ -28,6 +28,7 @@ import torch
 
 from lmcore.optim.base import KeepsStateDtypes, adam_group_defaults, adamw_, check_range
 from lmcore.optim.quantize import QuantizedState
+from lmcore.utils import closure_loss
 
 
 class AdamW8bit(KeepsStateDtypes, torch.optim.Optimizer):
@@ -72,10 +73,7 @@ class AdamW8bit(KeepsStateDtypes, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             (beta1, beta2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
             for p in group["params"]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from lmcore.optim.base import KeepsStateDtypes, adamw_, as_matrix, check_range, check_betas
+from lmcore.utils import closure_loss
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 SCALES = ("rms", "spectral")
@@ -80,10 +81,7 @@ class Muon(KeepsStateDtypes, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             flag = group.get("use_muon")

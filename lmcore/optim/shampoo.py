@@ -24,6 +24,7 @@ import torch
 
 from lmcore.optim.base import (KeepsStateDtypes, adam_direction, adam_group_defaults, as_matrix, check_range,
                                symmetric_eigh)
+from lmcore.utils import closure_loss
 
 
 def inverse_root(factor: torch.Tensor, root: int, eps: float) -> torch.Tensor:
@@ -68,10 +69,7 @@ class Shampoo(KeepsStateDtypes, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
             for p in group["params"]:

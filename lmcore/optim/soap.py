@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from lmcore.optim.base import KeepsStateDtypes, adam_group_defaults, as_matrix, check_range, symmetric_eigh
+from lmcore.utils import closure_loss
 
 SIDES = ("left", "right")
 
@@ -94,10 +95,7 @@ class SOAP(KeepsStateDtypes, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
             for p in group["params"]:

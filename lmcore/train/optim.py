@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from lmcore.utils import closure_loss
+
 
 class AdamW(torch.optim.Optimizer):
     """Adam with decoupled weight decay. For each parameter ``p`` with gradient ``g`` at step ``t``::
@@ -51,10 +53,7 @@ class AdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:

@@ -26,8 +26,7 @@ import math
 
 import torch
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from lmcore.kernels.common import LN2, LOG2E
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
@@ -95,8 +94,12 @@ class AdamW8bit(KeepsStateDtypes, torch.optim.Optimizer):
         if self.fused is False or not (p.is_contiguous() and p.grad.is_contiguous()):
             return False
         if self.fused is None:
-            return p.is_cuda and _triton_available()
-        return p.is_cuda or _interpreting()
+            from lmcore.train.optim import triton_available  # imported here: lmcore.train imports lmcore.optim
+
+            return p.is_cuda and triton_available()
+        from lmcore.kernels.common import interpreting  # imported here: it defines Triton kernels
+
+        return p.is_cuda or interpreting()
 
     def _step_torch(self, p, state, t, lr, beta1, beta2, eps, wd) -> None:
         m = self.m_format.dequantize(state["exp_avg_q"], state["exp_avg_scale"], p.shape)
@@ -119,17 +122,6 @@ class AdamW8bit(KeepsStateDtypes, torch.optim.Optimizer):
             BLOCK=self.block, SEARCH=128, num_warps=4 if self.block <= 512 else 8)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _search_table(code: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:

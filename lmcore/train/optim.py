@@ -78,7 +78,7 @@ class AdamW(torch.optim.Optimizer):
         if self.fused is False:
             return False
         if self.fused is None:
-            return all(p.is_cuda for p in params) and _triton_available()
+            return all(p.is_cuda for p in params) and triton_available()
         _check_fusable(params)  # fused=True: parameters moved to CPU since construction are refused
         return True
 
@@ -121,7 +121,7 @@ class AdamW(torch.optim.Optimizer):
 
 
 @functools.cache
-def _triton_available() -> bool:
+def triton_available() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -131,7 +131,7 @@ def _triton_available() -> bool:
 
 def _check_fusable(params) -> None:
     """Refuse ``fused=True`` where the kernel cannot run, naming the reason."""
-    if not _triton_available():
+    if not triton_available():
         raise RuntimeError("AdamW(fused=True) needs triton, which is not importable; use fused=None or False")
     from lmcore.kernels.common import interpreting  # imported here: it defines Triton kernels
     for p in params:

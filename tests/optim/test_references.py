@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmcore.optim import SOAP, AdamW8bit, Muon, Shampoo, inverse_root, newton_schulz
-from lmcore.optim.adamw8bit import _interpreting
+from lmcore.kernels.common import interpreting as _interpreting
 from lmcore.train.optim import AdamW
 
 SHAPES = [(24, 40), (40, 24), (17, 9), (33,)]  # odd shapes, tall and wide, and a vector

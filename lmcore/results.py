@@ -51,10 +51,10 @@ def _plain(value: Any) -> Any:
                     "expected a number, string, bool, None, list or dict")
 
 
-def record(name: str, value: Any, glue: bool = True, display: bool = False) -> Any:
+def record(name: str, value: Any, glue: bool = True, display: bool = False) -> None:
     """Record ``value`` under ``name`` for the prose (glue) and the run's results file.
 
-    Returns the value, so ``loss = record("final_loss", loss)`` reads naturally.
+    Returns nothing, so a cell that ends with ``record(...)`` shows no stray output.
     """
     if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"result name {name!r} must be letters, digits, '_' or '-'")
@@ -73,7 +73,6 @@ def record(name: str, value: Any, glue: bool = True, display: bool = False) -> A
         data[name] = plain
         with atomic_write(path) as f:
             json.dump(data, f, indent=1, sort_keys=True)
-    return value
 
 
 def recorded() -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """``python -m lmcore.bench profile [--ncu] [--configs] --out-dir DIR``: what limits the FlashAttention kernels.
 
-Two tools for whoever re-tunes the kernels of chapter 5, on a CUDA GPU:
+Two tools for whoever re-tunes the kernels of chapter 4, on a CUDA GPU:
 
 * ``--configs``: every tile candidate of each kernel launched at one shape (bf16), with its time
   and what the compiler gave it: registers, spills, shared memory, and the count of matrix

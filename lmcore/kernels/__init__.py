@@ -1,4 +1,4 @@
-"""FlashAttention-2: a tiled PyTorch version and Triton kernels (chapter 5).
+"""FlashAttention-2: a tiled PyTorch version and Triton kernels (chapter 4).
 
 - ``FlashAttentionTorch``: the algorithm tile by tile in PyTorch (readable, slow).
 - ``FlashAttentionTriton`` and ``flash_attention(q, k, v, causal=False, scale=None)``: the kernels.

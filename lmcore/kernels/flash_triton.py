@@ -1,6 +1,6 @@
 """FlashAttention-2 as Triton kernels: a forward, and a backward in two passes (dK/dV, then dQ).
 
-Each block is tied to an equation of chapter 5 (the same ones ``flash_torch`` spells out):
+Each block is tied to an equation of chapter 4 (the same ones ``flash_torch`` spells out):
 
 * forward: one program per (query tile, batch*head); online softmax in base 2 with
   ``c = scale * log2(e)``. Key tiles wholly above the causal diagonal are never visited; stage 1

@@ -1,4 +1,4 @@
-"""Sparse attention (chapter 4): block layouts, a block-sparse Triton kernel, and NSA.
+"""Sparse attention (chapter 5): block layouts, a block-sparse Triton kernel, and NSA.
 
 - :mod:`lmcore.sparse.patterns`: patterns as block layouts (``local``, ``strided``, ``global``,
   ``mixed``, ``bigbird``, ``dilated``, ``dense``), their density, and pictures of them;

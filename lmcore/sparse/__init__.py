@@ -60,10 +60,12 @@ def block_sparse_backend(q, k, v, causal: bool = True, pattern: str = "local", b
     return block_sparse_attention(q, k, v, layout, causal=causal, impl=impl)
 
 
-@register_attention_backend("nsa", stores_scores=True)
-def nsa_backend(q, k, v, causal: bool = True, **options):
-    """Attention backend: parameter-free NSA (mean-pooled compression, equal gates); see ``nsa_attention``."""
-    if q.shape[-2] != k.shape[-2]:
-        raise ValueError(f"the nsa backend needs as many queries as keys (got {q.shape[-2]} and {k.shape[-2]}); "
-                         "decoding with a KV cache is not supported, recompute the full sequence instead")
-    return nsa_attention(q, k, v, causal=causal, **options)
+@register_attention_backend("nsa", kv_offsets=True, grouped_kv=True)
+def nsa_backend(q, k, v, causal: bool = True, impl: str = "auto", **sizes):
+    """Attention backend: parameter-free NSA (mean-pooled compression, equal gates) with the sizes of
+    :class:`NSAConfig` as options. K and V may have fewer heads than Q (grouped queries); with fewer
+    queries than keys (decoding with a KV cache) the queries are the last positions and select
+    their blocks from the compressed cached keys."""
+    if not causal:
+        raise ValueError("the nsa backend is causal (its blocks are chosen among the past); got causal=False")
+    return nsa_attention(q, k, v, NSAConfig.from_options(**sizes), impl=impl)

@@ -87,7 +87,8 @@ class AdamW(torch.optim.Optimizer):
 
     def _update_fused(self, params, t: int, group: dict) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        scalars = (1 - lr * wd, 1 - beta1, beta2, 1 - beta2, -lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t), eps)
+        scalars = (1 - lr * wd, 1 - beta1, beta2, 1 - beta2, -lr / (1 - beta1 ** t),
+                   math.sqrt(1 - beta2 ** t), eps)
         by_dtype: dict[torch.dtype, list] = {}
         rest = []
         for p in params:

@@ -224,8 +224,11 @@ def test_fused_adamw8bit_updates_all_tensors_of_a_group_in_two_launches(monkeypa
 
     launches = []
     real = adamw8bit.AdamW8bit._step_fused
-    monkeypatch.setattr(adamw8bit.AdamW8bit, "_step_fused",
-                        lambda self, ps, scalars, q: (launches.append((len(ps), q)), real(self, ps, scalars, q)))
+    def counted(self, ps, scalars, quantized):
+        launches.append((len(ps), quantized))
+        real(self, ps, scalars, quantized)
+
+    monkeypatch.setattr(adamw8bit.AdamW8bit, "_step_fused", counted)
     shapes = [(70, 100), (3, 257), (16, 16), (9, 31), (5,), (1, 1), (300,)]  # blocks cut short; small; 1-D
     a, b = params(shapes=shapes), params(shapes=shapes)
     kw = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=500)

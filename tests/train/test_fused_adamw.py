@@ -129,8 +129,11 @@ def test_many_odd_tensors_in_one_launch_per_group_match_foreach_and_torch(monkey
 
     launches = []
     real = optim_module._adamw_multi_tensor_
-    monkeypatch.setattr(optim_module, "_adamw_multi_tensor_",
-                        lambda cache, operands, *a: (launches.append(len(operands)), real(cache, operands, *a)))
+    def counted(cache, operands, *scalars):
+        launches.append(len(operands))
+        real(cache, operands, *scalars)
+
+    monkeypatch.setattr(optim_module, "_adamw_multi_tensor_", counted)
     kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
     fused_p, foreach_p, torch_p = _odd_params(), _odd_params(), _odd_params()
     assert fused_p[-1].data_ptr() % 16 != 0  # the unaligned view really is unaligned

@@ -15,7 +15,9 @@ state of AdamW. Parameters with fewer than ``min_8bit_size`` values or fewer tha
 handful of values gains nothing. Only the storage is quantized; the arithmetic is float32.
 
 On CUDA one Triton kernel does all of it per block (dequantize, update, find the block's new
-scale, quantize by binary search in the code book); elsewhere the same steps run as torch ops.
+scale, quantize by binary search in the code book), for all 8-bit parameters of a group in one
+launch, and AdamW's kernel takes the float32-moment ones in one more; elsewhere the same steps run
+as torch ops.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class AdamW8bit(KeepsStateDtypes, torch.optim.Optimizer):
             raise ValueError(f"AdamW8bit: fused={fused!r}; expected True, False or None (automatic)")
         super().__init__(params, dict(defaults, min_8bit_size=int(min_8bit_size)))
         self.block, self.fused = int(block), fused
+        self._codes: dict = {}  # device -> the code books and their midpoints there
+        self._tables: dict = {}  # per list of fused parameters: its address table (lmcore.train.multi_tensor)
         self.m_format = QuantizedState(8, signed=True, kind="dynamic", block=self.block)
         self.v_format = QuantizedState(8, signed=False, kind="dynamic", block=self.block)
 
@@ -75,24 +79,33 @@ class AdamW8bit(KeepsStateDtypes, torch.optim.Optimizer):
         loss = closure_loss(closure)
         for group in self.param_groups:
             (beta1, beta2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            fused: dict[tuple, list] = {}  # (step, 8-bit or not, dtypes) -> parameters for one launch
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self._init_state(p, group)
                 state["step"] += 1
                 t = state["step"]
-                if "exp_avg" in state:
+                if self._fuse(p):
+                    fused.setdefault((t, "exp_avg" not in state, p.dtype, p.grad.dtype), []).append(p)
+                elif "exp_avg" in state:
                     adamw_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=t, lr=lr, beta1=beta1,
                            beta2=beta2, eps=eps, weight_decay=wd)
-                elif self._fuse(p):
-                    self._step_fused(p, state, t, lr, beta1, beta2, eps, wd)
                 else:
                     self._step_torch(p, state, t, lr, beta1, beta2, eps, wd)
+            for (t, quantized, _, _), ps in fused.items():
+                scalars = (1 - lr * wd, 1 - beta1, beta2, 1 - beta2, -lr / (1 - beta1 ** t),
+                           math.sqrt(1 - beta2 ** t), eps)
+                self._step_fused(ps, scalars, quantized)
         return loss
 
     def _fuse(self, p) -> bool:
-        if self.fused is False or not (p.is_contiguous() and p.grad.is_contiguous()):
+        state = self.state[p]
+        if self.fused is False or not (p.is_contiguous() and p.grad.is_contiguous()) or p.grad.is_sparse:
             return False
+        if "exp_avg" in state and not all(x.dtype == p.dtype and x.is_contiguous()
+                                          for x in (p.grad, state["exp_avg"], state["exp_avg_sq"])):
+            return False  # float32 moments go through AdamW's kernel, which needs one dtype
         if self.fused is None:
             from lmcore.train.optim import triton_available  # imported here: lmcore.train imports lmcore.optim
 
@@ -110,18 +123,34 @@ class AdamW8bit(KeepsStateDtypes, torch.optim.Optimizer):
         state["exp_avg_q"], state["exp_avg_scale"] = self.m_format.quantize(m)
         state["exp_avg_sq_q"], state["exp_avg_sq_scale"] = self.v_format.quantize(v)
 
-    def _step_fused(self, p, state, t, lr, beta1, beta2, eps, wd) -> None:
-        m_code, m_mids = _search_table(self.m_format.code, p.device)
-        v_code, v_mids = _search_table(self.v_format.code, p.device)
-        n_blocks = state["exp_avg_scale"].numel()
-        _kernel()[(n_blocks,)](
-            p, p.grad, state["exp_avg_q"], state["exp_avg_scale"], state["exp_avg_sq_q"],
-            state["exp_avg_sq_scale"], m_code, m_mids, v_code, v_mids, p.numel(),
-            float(1 - lr * wd), float(1 - beta1), float(beta2), float(1 - beta2),
-            float(-lr / (1 - beta1 ** t)), float(math.sqrt(1 - beta2 ** t)), float(eps),
-            BLOCK=self.block, SEARCH=128, num_warps=4 if self.block <= 512 else 8)
+    def _step_fused(self, params: list, scalars: tuple, quantized: bool) -> None:
+        """Every parameter of ``params`` (one step count, dtype and device) in one kernel launch: the 8-bit
+        kernel for quantized moments, AdamW's for float32 ones (small and 1-D parameters)."""
+        from lmcore.train.multi_tensor import AddressTable  # imported here: lmcore.train imports lmcore.optim
+        from lmcore.train.optim import BLOCK, _adamw_multi_tensor_
 
-
+        keys = ("exp_avg_q", "exp_avg_scale", "exp_avg_sq_q", "exp_avg_sq_scale") if quantized else \
+            ("exp_avg", "exp_avg_sq")
+        operands = [[p, p.grad, *(self.state[p][k] for k in keys)] for p in params]
+        key = (quantized, *map(id, params))
+        if key not in self._tables:
+            if len(self._tables) >= 16:  # the parameter sets come and go: keep the cache bounded
+                self._tables.clear()
+            self._tables[key] = AddressTable(self.block if quantized else BLOCK)
+        if not quantized:
+            _adamw_multi_tensor_(self._tables[key], operands, *scalars)
+            return
+        table, chunks, n, aligned = self._tables[key].get(operands)
+        if chunks.numel() == 0:
+            return
+        p, g, mq, ms = operands[0][:4]
+        if p.device not in self._codes:  # copied to the device once, not each step
+            self._codes[p.device] = (*_search_table(self.m_format.code, p.device),
+                                     *_search_table(self.v_format.code, p.device))
+        m_code, m_mids, v_code, v_mids = self._codes[p.device]
+        _kernel()[(chunks.numel(),)](
+            table, chunks, n, p, g, mq, ms, m_code, m_mids, v_code, v_mids, *map(float, scalars),
+            BLOCK=self.block, SEARCH=128, ALIGNED=aligned, num_warps=4 if self.block <= 512 else 8)
 
 
 def _search_table(code: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from lmcore.train.multi_tensor import AddressTable
 from lmcore.utils import closure_loss
 
 
@@ -21,9 +22,10 @@ class AdamW(torch.optim.Optimizer):
     The arithmetic follows the order of ``torch.optim.AdamW`` so the two agree step for step.
     Three ways to apply it:
 
-    - ``fused``: one Triton kernel per parameter tensor applies all four lines in a single pass,
-      reading ``p``, ``g``, ``m``, ``v`` once and writing ``p``, ``m``, ``v`` once, in float32
-      (the fastest on a GPU: the update is bound by memory traffic, not arithmetic).
+    - ``fused``: one Triton kernel launch per parameter group applies all four lines to every
+      parameter of the group in a single pass, reading ``p``, ``g``, ``m``, ``v`` once and writing
+      ``p``, ``m``, ``v`` once, in float32 (the fastest on a GPU: the update is bound by memory
+      traffic, and one launch instead of one per tensor saves the launch costs).
     - ``foreach`` (when not fused): each line applied to all parameters at once with
       ``torch._foreach_*`` ops (few kernel launches, but each line is a full pass over memory).
     - neither: a plain loop over parameters.
@@ -47,6 +49,7 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.foreach = foreach
         self.fused = fused
+        self._tables: dict[tuple, AddressTable] = {}  # per list of fused parameters: its address table
         if fused:
             for group in self.param_groups:
                 _check_fusable(group["params"])
@@ -84,15 +87,23 @@ class AdamW(torch.optim.Optimizer):
 
     def _update_fused(self, params, t: int, group: dict) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        scalars = dict(decay=1 - lr * wd, w1=1 - beta1, beta2=beta2, w2=1 - beta2,
-                       neg_step=-lr / (1 - beta1 ** t), bias2_sqrt=math.sqrt(1 - beta2 ** t), eps=eps)
+        scalars = (1 - lr * wd, 1 - beta1, beta2, 1 - beta2, -lr / (1 - beta1 ** t),
+                   math.sqrt(1 - beta2 ** t), eps)
+        by_dtype: dict[torch.dtype, list] = {}
         rest = []
         for p in params:
             m, v, g = self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"], p.grad
-            if g.is_sparse or not all(x.is_contiguous() and x.dtype == p.dtype for x in (g, m, v)):
+            if g.is_sparse or not all(x.is_contiguous() and x.dtype == p.dtype for x in (p, g, m, v)):
                 rest.append(p)  # the kernel walks flat memory of one dtype; anything else takes the torch path
-                continue
-            _adamw_fused_(p, g, m, v, **scalars)
+            else:
+                by_dtype.setdefault(p.dtype, []).append([p, g, m, v])
+        for operands in by_dtype.values():
+            key = tuple(map(id, (ops[0] for ops in operands)))
+            if key not in self._tables:
+                if len(self._tables) >= 16:  # the parameter sets come and go: keep the cache bounded
+                    self._tables.clear()
+                self._tables[key] = AddressTable(BLOCK)
+            _adamw_multi_tensor_(self._tables[key], operands, *scalars)
         if rest:
             self._update(rest, t, group, foreach=False)
 
@@ -147,38 +158,20 @@ BLOCK = 2048  # elements per program; the update is memory-bound, so a large blo
 
 @functools.cache
 def _kernel():
-    """The Triton kernel, defined on first use so ``TRITON_INTERPRET`` is read then, not at import."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, decay, w1, beta2, w2, neg_step, bias2_sqrt, eps,
-                     BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) flat indices
-        mask = offs < n
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-        p = p * decay  # decoupled weight decay
-        diff = g - m  # lerp the way torch rounds it: from the nearer end
-        m = tl.where(w1 < 0.5, m + w1 * diff, g - diff * (1.0 - w1))
-        v = v * beta2 + (w2 * g) * g
-        denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
-        p = p + tl.div_rn(neg_step * m, denom)
-        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
-        tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+    """The Triton kernel, imported on first use so ``TRITON_INTERPRET`` is read then, not at import."""
+    from lmcore.train.adamw_kernel import adamw_kernel
 
     return adamw_kernel
 
 
-def _adamw_fused_(p, g, m, v, *, decay, w1, beta2, w2, neg_step, bias2_sqrt, eps) -> None:
-    """One AdamW update of one contiguous tensor in place, in a single kernel launch. The
-    step-dependent scalars are runtime arguments, so the kernel compiles once, not per step."""
-    n = p.numel()
-    if n == 0:
+def _adamw_multi_tensor_(cache: AddressTable, operands: list, decay, w1, beta2, w2, neg_step, bias2_sqrt,
+                         eps) -> None:
+    """One AdamW update, in place, of every ``[p, g, m, v]`` in ``operands`` (contiguous, one dtype and
+    device) in a single kernel launch. The step-dependent scalars are runtime arguments, so the kernel
+    compiles once, not per step, and nothing waits for the device."""
+    table, chunks, n, aligned = cache.get(operands)
+    if chunks.numel() == 0:
         return
-    grid = (-(-n // BLOCK),)
-    _kernel()[grid](p, g, m, v, n, float(decay), float(w1), float(beta2), float(w2), float(neg_step),
-                    float(bias2_sqrt), float(eps), BLOCK=BLOCK, num_warps=8)
+    _kernel()[(chunks.numel(),)](table, chunks, n, operands[0][0], float(decay), float(w1), float(beta2),
+                                 float(w2), float(neg_step), float(bias2_sqrt), float(eps),
+                                 BLOCK=BLOCK, ALIGNED=aligned, num_warps=8)

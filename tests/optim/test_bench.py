@@ -20,6 +20,9 @@ def test_quick_speed_test_measures_every_optimizer(tmp_path):
     assert result["state_bytes_per_parameter"]["adamw"] == 8.0
     assert result["metrics"]["adamw8bit_state_vs_torch"] < 0.3
     assert set(result["targets"]) and all("met" in t for t in result["targets"].values())
+    adamw = result["targets"]["lmcore AdamW step / torch fused AdamW"]
+    assert adamw["value"] == result["step_vs_torch_fused"]["adamw"]["median"] > 0
+    assert adamw["bound"] == 1.0 and adamw["kind"] == "max" and adamw["met"] == (adamw["value"] <= 1.0)
 
 
 def test_comparison_runs_grid_then_final_and_resumes(tmp_path):

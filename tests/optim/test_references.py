@@ -3,6 +3,8 @@ reference differs by design, against the math it must satisfy."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -214,3 +216,41 @@ def test_fused_kernel_matches_the_torch_path():
         torch.testing.assert_close(sa[key + "_scale"], sb[key + "_scale"], rtol=1e-6, atol=0)
         same = (sa[key + "_q"] == sb[key + "_q"]).float().mean().item()
         assert same > 0.99, (key, same)  # a value on a midpoint may round either way
+
+
+@pytest.mark.skipif(not _interpreting(), reason="needs TRITON_INTERPRET=1")
+def test_fused_adamw8bit_updates_all_tensors_of_a_group_in_two_launches(monkeypatch):
+    from lmcore.optim import adamw8bit
+
+    launches = []
+    real = adamw8bit.AdamW8bit._step_fused
+    def counted(self, ps, scalars, quantized):
+        launches.append((len(ps), quantized))
+        real(self, ps, scalars, quantized)
+
+    monkeypatch.setattr(adamw8bit.AdamW8bit, "_step_fused", counted)
+    shapes = [(70, 100), (3, 257), (16, 16), (9, 31), (5,), (1, 1), (300,)]  # blocks cut short; small; 1-D
+    a, b = params(shapes=shapes), params(shapes=shapes)
+    kw = dict(lr=1e-2, weight_decay=0.1, min_8bit_size=500)
+    fused, plain = AdamW8bit(a, fused=True, **kw), AdamW8bit(b, fused=False, **kw)
+    for t in range(3):
+        for pa, pb, g in zip(a, b, grads(t, a)):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    assert launches == [(2, True), (5, False)] * 3  # one launch for the 8-bit tensors, one for the rest
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-5)
+        sa, sb = fused.state[pa], plain.state[pb]
+        if "exp_avg_q" in sa:
+            torch.testing.assert_close(sa["exp_avg_sq_scale"], sb["exp_avg_sq_scale"], rtol=1e-6, atol=0)
+            assert (sa["exp_avg_q"] == sb["exp_avg_q"]).float().mean() > 0.99
+    resumed_p = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    resumed = AdamW8bit(resumed_p, fused=True, **kw)
+    resumed.load_state_dict(copy.deepcopy(fused.state_dict()))  # as from a checkpoint file
+    for ps, opt in ((a, fused), (resumed_p, resumed)):
+        for p, g in zip(ps, grads(7, ps)):
+            p.grad = g
+        opt.step()
+    for pa, pr in zip(a, resumed_p):
+        assert torch.equal(pa, pr)  # resumed from the state dict: the same step bit for bit

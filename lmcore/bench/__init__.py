@@ -16,6 +16,7 @@ BENCHMARKS = {
     "train": "training throughput and MFU against a torch.nn baseline",
     "attention": "FlashAttention-2 in Triton against torch SDPA backends",
     "sparse": "block-sparse attention against FlexAttention and dense kernels",
+    "nsa": "Native Sparse Attention against dense FlashAttention, cuDNN and fla-core's NSA",
     "ddp": "data-parallel wrappers against torch DDP",
     "longctx": "long-context training (Qwen3 shape), Pythia against transformers, grouped-query FlashAttention",
     "profile": "what limits the FlashAttention kernels: tile candidates with their resources, Nsight Compute",

@@ -10,10 +10,11 @@ lengths 1k-32k, head dims 64 and 128, bf16, forward and forward+backward, one ru
   mask from ``create_block_mask`` (checked to run compiled: no recompiles, no eager fallback);
 - ``sdpa_mask``: ``scaled_dot_product_attention`` with the equivalent dense boolean mask;
 - ``flash_triton``: lmcore's dense FlashAttention-2 kernel (``lmcore.kernels``), when importable,
-  and ``sdpa_causal`` (dense causal SDPA) as the dense reference;
-- ``nsa`` against the dense kernel at 8k-32k.
+  and ``sdpa_causal`` (dense causal SDPA) as the dense reference.
 
-Our implementations carry the names of the attention registry (``block_sparse``, ``nsa``,
+NSA has its own benchmark (``python -m lmcore.bench nsa``).
+
+Our implementations carry the names of the attention registry (``block_sparse``,
 ``flash_triton``); ``flex`` and ``sdpa_*`` are PyTorch's.
 
 The implementations of one case are timed on the same inputs, interleaved over ``--rounds``
@@ -48,7 +49,6 @@ def _parse(argv):
     ap.add_argument("--out-dir", default=None, help="write sparse-<gpu>.csv and .json here")
     ap.add_argument("--seqs", default=None, help="comma-separated sequence lengths")
     ap.add_argument("--head-dims", default=None, help="comma-separated head dims")
-    ap.add_argument("--nsa-seqs", default=None, help="comma-separated sequence lengths for NSA")
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=32768, help="batch * seq per measurement")
     ap.add_argument("--model-dim", type=int, default=1024, help="heads = model_dim // head_dim")
@@ -163,7 +163,7 @@ def run(args) -> dict:
 
     from lmcore.bench import provenance
     from lmcore.bench.timing import Replay, rounds, spread
-    from lmcore.sparse import block_sparse_attention, make_layout, nsa_attention
+    from lmcore.sparse import block_sparse_attention, make_layout
     from lmcore.sparse.kernel import autotune_choices
 
     try:
@@ -178,7 +178,6 @@ def run(args) -> dict:
     quick = args.quick
     seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else ([4096, 16384] if quick else [1024, 4096, 16384, 32768])
     head_dims = [int(d) for d in args.head_dims.split(",")] if args.head_dims else ([64] if quick else [64, 128])
-    nsa_seqs = [int(s) for s in args.nsa_seqs.split(",")] if args.nsa_seqs else ([8192] if quick else [8192, 16384, 32768])
     bs = args.block_size
     dt = torch.bfloat16
     flex = Flex(torch)
@@ -293,30 +292,6 @@ def run(args) -> dict:
             torch.cuda.empty_cache()
 
     sweep(head_dims[0], seqs)
-    # NSA against the dense kernel
-    for seq in nsa_seqs:
-        if time.time() - started > args.max_seconds:
-            truncated.append(f"nsa seq={seq}")
-            continue
-        hd = 64
-        heads = max(1, args.model_dim // hd)
-        batch = max(1, args.tokens // seq)
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v, do = (torch.randn(batch, heads, seq, hd, device="cuda", dtype=dt, generator=g) for _ in range(4))
-        q, k, v = (x.requires_grad_() for x in (q, k, v))
-        opts = {"block_size": 64, "top_n": 16, "window": 512}
-        common = {"seq": seq, "head_dim": hd, "batch": batch, "heads": heads, "block_size": 64, "causal": True,
-                  "pattern": "nsa", "params": json.dumps(opts, sort_keys=True), "_inputs": (q, k, v, do)}
-        measure([("nsa", lambda q, k, v: nsa_attention(q, k, v, causal=True, **opts), "")], common)
-        ref = dict(common, pattern="dense", params="{}", density=round(make_layout("dense", seq, 64, True).density, 4))
-        dense = [("sdpa_causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                  "nsa reference")]
-        if flash_attention is not None:
-            dense.insert(0, ("flash_triton", lambda q, k, v: flash_attention(q, k, v, causal=True), "nsa reference"))
-        measure(dense, ref)
-        write_partial()
-        del q, k, v, do
-        torch.cuda.empty_cache()
     for hd in head_dims[1:]:
         sweep(hd, [x for x in seqs if x >= args.min_seq_other_head_dims] or seqs, short=True)
 
@@ -407,16 +382,6 @@ def summarize(rows: list[dict]) -> dict:
             out[f"vs_flex_eager_{p}_at_least_1"] = f"{sum(x >= 1.0 for x in fe)}/{len(fe)}"
     if vs_flex:
         out["vs_flex_all_min"] = min(vs_flex)
-    nsa = []
-    for r in rows:
-        if r["method"] != "nsa" or not _ok(r["ms"]):
-            continue
-        for ref in rows:
-            if ref["method"] in ("flash_triton", "sdpa_causal") and ref.get("note") == "nsa reference" \
-                    and (ref["seq"], ref["pass"]) == (r["seq"], r["pass"]) and _ok(ref["ms"]):
-                nsa.append({"seq": r["seq"], "pass": r["pass"], "ms": r["ms"], "dense": ref["method"],
-                            "dense_ms": ref["ms"], "speedup": round(ref["ms"] / r["ms"], 3)})
-    out["nsa"] = nsa
     return out
 
 

@@ -42,12 +42,12 @@ class NSAConfig:
     cmp_stride: int = 16  # d: distance between compressed blocks
     sel_block: int = 64  # l': selection block
     top_n: int = 16  # blocks each query selects (first and local blocks included)
-    window: int = 512  # sliding-window branch
+    window: int = 512  # sliding-window branch (0: no such branch)
     n_local: int = 2  # most recent blocks always selected
 
     def __post_init__(self):
         for f in fields(self):
-            _check_int(f.name, getattr(self, f.name), 0 if f.name == "n_local" else 1)
+            _check_int(f.name, getattr(self, f.name), 0 if f.name in ("n_local", "window") else 1)
         if self.cmp_block % self.cmp_stride:
             raise ValueError(f"cmp_block={self.cmp_block} must be a multiple of cmp_stride={self.cmp_stride}")
         if self.sel_block % self.cmp_stride:
@@ -143,9 +143,9 @@ def nsa_torch(q, k, v, k_cmp, v_cmp, cfg: NSAConfig, scale: float, gates=None, r
     s = torch.arange(tk, device=q.device)[None, :]
     sel_ok = chosen[..., :n_blocks].repeat_interleave(cfg.sel_block, -1)[..., :tk] & (s <= t)
     o_sel, _ = _attend(q, k, v, sel_ok, scale)
-    o_win, _ = _attend(q, k, v, ((s <= t) & (s > t - cfg.window))[None, None], scale)
+    o_win = _attend(q, k, v, ((s <= t) & (s > t - cfg.window))[None, None], scale)[0] if cfg.window else 0 * o_sel
     out = _mix(o_cmp, o_sel, o_win, gates)
-    return (out, dict(o_cmp=o_cmp, o_sel=o_sel, o_win=o_win, idx=idx)) if return_parts else out
+    return (out, dict(o_cmp=o_cmp, o_sel=o_sel, o_win=o_win, idx=idx, p_cmp=p_cmp)) if return_parts else out
 
 
 def _mix(o_cmp, o_sel, o_win, gates):

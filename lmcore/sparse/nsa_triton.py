@@ -411,7 +411,7 @@ def nsa_triton(q, k, v, k_cmp, v_cmp, cfg, scale: float, gates=None, return_part
     with torch.no_grad():
         idx = top_blocks(scores, tk, cfg)
     o_sel, _ = _GroupAttention.apply(q, k, v, scale, q_off, cfg.sel_block, idx, 0, 1, 0)
-    o_win, _ = _GroupAttention.apply(q, k, v, scale, q_off, 64, None, cfg.window, 1, 0)
+    o_win = _GroupAttention.apply(q, k, v, scale, q_off, 64, None, cfg.window, 1, 0)[0] if cfg.window else 0 * o_sel
     out = _mix(o_cmp, o_sel, o_win, gates)
     if return_parts:
         bsz, hkv = k.shape[:2]

@@ -97,7 +97,7 @@ def test_selection_shared_by_the_group():
     (dict(sel_block=40), "sel_block=40 must be a multiple"),
     (dict(cmp_block=128), "at most sel_block"),
     (dict(top_n=2, n_local=2), "top_n=2 must be at least"),
-    (dict(window=0), "window"),
+    (dict(window=-1), "window"),
 ])
 def test_impossible_configs_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -136,3 +136,109 @@ def test_backend_decodes_with_grouped_kv_cache():
     opts = dict(cmp_block=8, cmp_stride=4, sel_block=16, top_n=2, window=16, n_local=1)
     full = fn(q, k, v, **opts)
     torch.testing.assert_close(fn(q[:, :, -5:], k, v, **opts), full[:, :, -5:], atol=2e-5, rtol=1e-4)
+
+
+def test_bench_quick_reports_every_target(tmp_path):
+    from lmcore.bench import nsa as bench
+
+    result = bench.main(["--quick", "--rounds", "1", "--out-dir", str(tmp_path)])
+    assert {r["method"] for r in result["rows"]} == {"nsa", "nsa_cs", "sdpa"}
+    assert {r["pass"] for r in result["rows"]} == {"fwd", "fwd+bwd", "decode"}
+    assert all(r["ms"] > 0 for r in result["rows"])
+    assert set(result["targets"]) == set(bench.TARGETS)
+    with pytest.raises(SystemExit, match="unknown \\['c'\\]"):
+        bench.main(["--quick", "--settings", "a,c"])
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU, at real sizes.
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def gpu_inputs(hq, hkv, t, d, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, hq, t, d, device="cuda", dtype=dtype, generator=g)
+    k, v = (torch.randn(1, hkv, t, d, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+    return [x.requires_grad_() for x in (q, k, v)]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("hq, hkv, d, dtype", [(16, 1, 64, torch.bfloat16), (8, 2, 128, torch.bfloat16),
+                                               (4, 4, 96, torch.float16)])
+def test_gpu_paper_sizes_match_the_definition(hq, hkv, d, dtype):
+    cfg = NSAConfig()
+    q, k, v = gpu_inputs(hq, hkv, 2000, d, dtype)  # ragged, 32 selection blocks
+    kc, vc = compress_mean(k, 32, 16), compress_mean(v, 32, 16)
+    out, parts = nsa_triton(q, k, v, kc, vc, cfg, d ** -0.5, return_parts=True)
+    f = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref, rparts = nsa_torch(*f, compress_mean(f[1], 32, 16), compress_mean(f[2], 32, 16), cfg, d ** -0.5,
+                            return_parts=True)
+    same = (parts["idx"].long().sort(-1).values == rparts["idx"].sort(-1).values).all(-1)  # (B, Hkv, T)
+    assert same.float().mean() > 0.99  # near-ties may fall either way in half precision
+    for name in ("o_cmp", "o_win"):
+        torch.testing.assert_close(parts[name].float(), rparts[name], atol=2e-2, rtol=2e-2, msg=name)
+    rows = same.repeat_interleave(hq // hkv, 1)  # (B, Hq, T)
+    torch.testing.assert_close(parts["o_sel"].float()[rows], rparts["o_sel"][rows], atol=2e-2, rtol=2e-2)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    rgrads = torch.autograd.grad(ref, f, g.float())
+    if same.all():
+        for a, b in zip(grads, rgrads):
+            torch.testing.assert_close(a.float(), b, atol=5e-2, rtol=5e-2)
+    assert all(torch.isfinite(x).all() for x in grads)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_forward_backward_captures_in_a_cuda_graph_without_host_syncs():
+    q, k, v = gpu_inputs(16, 1, 4096, 64)
+    do = torch.randn_like(q)
+    gates = torch.rand(1, 16, 4096, 3, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        return torch.autograd.grad(nsa_attention(q, k, v, gates=gates), (q, k, v), do)
+
+    first = step()  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronization now raises
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, first):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_model_with_nsa_compiles_trains_and_decodes():
+    from lmcore.nn import KVCache, ModelConfig, TransformerLM
+
+    cfg = ModelConfig(vocab_size=256, context_length=2048, d_model=512, n_layers=2, n_heads=16, n_kv_heads=1,
+                      d_ff=1024, attention_backend="nsa")
+    torch.manual_seed(0)
+    model = TransformerLM(cfg).cuda()
+    compiled = torch.compile(model)
+    ids = torch.randint(0, 256, (2, 2048), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(compiled(ids[:, :-1]).flatten(0, 1).float(), ids[:, 1:].flatten())
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    cache = KVCache(cfg, 1, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        steps = [model(ids[:1, :1500], cache)] + [model(ids[:1, t:t + 1], cache) for t in range(1500, 1510)]
+        full = model(ids[:1, :1510])
+    torch.testing.assert_close(torch.cat(steps, 1).float(), full.float(), atol=5e-2, rtol=5e-2)

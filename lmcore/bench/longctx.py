@@ -242,17 +242,19 @@ def _summary(rows: list, expected: list, runs: list, settings: dict) -> dict:
             "provenance": runs[-1], "runs": runs, "settings": settings}
 
 
-def _previous(path: Path, resume: bool, settings: dict) -> tuple[list, list]:
-    """Rows and runs of an earlier results file: refused without ``--resume``, or when measured otherwise."""
+def _previous(path: Path, resume: bool, settings: dict) -> tuple[list, list, list]:
+    """Rows, runs and cases of an earlier results file: refused without ``--resume``, or when measured
+    with other settings."""
     if not path.exists():
-        return [], []
+        return [], [], []
     if not resume:
         raise SystemExit(f"{path} already holds results; pass --resume to add to them, or choose another --out-dir")
     old = json.loads(path.read_text())
     if old.get("settings") != settings:
         raise SystemExit(f"{path} was measured with settings {old.get('settings')}, this run uses {settings}; "
                          "use the same options or another --out-dir")
-    return old.get("rows", []), old.get("runs", [old["provenance"]] if "provenance" in old else [])
+    return old.get("rows", []), old.get("runs", [old["provenance"]] if "provenance" in old else []), \
+        [_key(r) for r in old.get("rows", []) + old.get("missing", [])]
 
 
 def main(argv: list[str]) -> dict:
@@ -284,12 +286,15 @@ def main(argv: list[str]) -> dict:
                 "loss_chunk": args.loss_chunk, "steps_per_round": args.steps, "rounds": args.rounds,
                 "pythia_batch": pythia_batch, "device": str(device)}
     gqa_model = "H={} Hkv={} D={}".format(*gqa_shape)
-    expected = _expected(contexts, backends, pythia.context_length, gqa_model, "flash_triton" if cuda else "flash_torch")
+    gqa_impl = "flash_triton" if cuda else "flash_torch"
+    expected = _expected(contexts, backends, pythia.context_length, gqa_model, gqa_impl)
     # a GPU run records in book/results unless --no-write; a quick run only where --out-dir is given
     out_dir = None if args.no_write else args.out_dir or ("book/results" if cuda else None)
     stem = f"longctx-{gpu_slug(torch.cuda.get_device_name())}" if cuda else "longctx-cpu-quick"
     path = Path(out_dir) / f"{stem}.json" if out_dir else None
-    rows, runs = _previous(path, args.resume, settings) if path else ([], [])
+    rows, runs, before = _previous(path, args.resume, settings) if path else ([], [], [])
+    # cases of earlier calls (other --backends or --contexts) stay expected
+    expected = sorted(before + [k for k in expected if k not in before], key=lambda k: PARTS.index(k[0]))
     runs = runs + [run]
     files = []
 

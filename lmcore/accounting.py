@@ -123,13 +123,20 @@ def activation_bytes_per_layer(config: ModelConfig, batch: int, seq: int, dtype:
     rotated = a * n * q + (a * n * kv if kv == q or grouped else 0)  # a repeated k is saved as its copies
     # RMSNorm keeps x * rsqrt(mean x^2) and the rsqrt; LayerNorm only a mean and an inverse deviation per row
     norm = 4 * n * d + 4 * n if c.norm == "rmsnorm" else 8 * n
+    # a fused kernel saves its output (B, H, T, D) for its backward; the o_proj input is a second copy, the
+    # heads merged back to (B, T, H*D) (a reshape of the transposed output copies). A backend that writes
+    # the scores out saves probabilities and v instead of its output.
+    fused_out = 0 if attention_capabilities(c.attention_backend).stores_scores else a * n * q
     parts = {
         f"residual stream ({1 if c.parallel_residual else 2} per block, float32)":
             (1 if c.parallel_residual else 2) * 4 * n * d,
         f"{'RMSNorm x/rms' if c.norm == 'rmsnorm' else 'LayerNorm mean/rstd'} (2, float32)": 2 * norm,
         "matmul inputs (normed x twice, merged heads)": 2 * a * n * d + a * n * q,
-        "rotated q, k; v; attention output": rotated + keys_values + 4 * n * H,  # + log-sum-exp per row
+        "rotated q, k; v; attention output": rotated + keys_values + fused_out + 4 * n * H,  # + log-sum-exp
     }
+    if a == 2:  # the rotation casts its cos and sin rows (seq, rotary_dim / 2) to bf16 for q and for k and
+        # saves them (a float32 rotation uses views of the tables): 2 calls x 2 tables x seq x rotary_dim/2 x 2 B
+        parts["rotary cos/sin (bf16 copies)"] = 4 * seq * c.rotary_dim
     if c.qk_norm:  # float32 copy of q and k (autocast) and x*rsqrt, plus one rsqrt per head and row
         parts["QK-norm (float32)"] = (8 if a == 2 else 4) * n * (q + kv) + 4 * n * (H + c.kv_heads)
     if c.mlp == "gated":
@@ -161,15 +168,28 @@ def memory_estimate(config: ModelConfig, batch: int, seq: int | None = None, dty
 def memory_peaks(config: ModelConfig, batch: int, seq: int | None = None, dtype: str = "bfloat16",
                  optimizer: str = "adamw", checkpointing: bool = False,
                  optimizer_options: dict | None = None, loss_chunk: int | None = None) -> dict[str, int]:
-    """Peak bytes of one training step by part, and the two candidate peaks ``at_backward``, ``at_step``.
+    """Peak bytes of one training step by part, and the candidate peaks ``at_backward``, ``at_step``.
 
-    Weights are float32 (``dtype`` is the autocast compute type). The peak comes either while
-    backward starts (every activation saved, the logits' gradient being formed, no weight
-    gradients yet) or at the optimizer step (gradients complete, activations freed); the larger
-    is ``total``. With ``checkpointing`` each block keeps only its input and one block's
-    activations are recomputed at a time; it takes what ``TransformerLM.activation_checkpointing``
-    takes (``True``, every ``k``-th block, a list of blocks). ``loss_chunk`` is the chunk size of
-    ``TransformerLM.loss`` (``lmcore.train.chunked_cross_entropy``): no full logits are held.
+    Weights are float32 (``dtype`` is the autocast compute type); ``buffers`` are the rotary cos/sin
+    tables. With ``checkpointing`` each chosen block keeps only its input; it takes what
+    ``TransformerLM.activation_checkpointing`` takes (``True``, every ``k``-th block, a list of blocks).
+    ``loss_chunk`` is the chunk size of ``TransformerLM.loss`` (``lmcore.train.chunked_cross_entropy``).
+    The step's memory is highest at one of three moments, each counted from what is alive then:
+
+    - **the loss's backward** (the first thing backward does): every saved activation, no weight
+      gradient yet but the output head's. Without ``loss_chunk`` the float32 logits, saved by the
+      loss, and three temporaries of their gradient. With it, ``chunked_cross_entropy`` holds its
+      float32 gradient of the head (V, d), the gradient of the hidden states (N, d), the bf16 copy of
+      the head, and the temporaries of one chunk counted line by line (``_chunk_temporaries``): a
+      chunk's logits, their float32 copy, the softmax, the gradient of the logits, and, from the
+      second chunk on, the previous chunk's softmax and gradient, which live until their names are
+      bound again. Hence a single chunk (``seq <= loss_chunk``) peaks 4 (rows x V) float32 bytes
+      lower than several.
+    - **the backward of each block** (``_block_backward_peak``, the largest over the blocks): the
+      gradients of the blocks above and of the head, what the blocks below still hold (a checkpointed
+      block its input, another everything it saved), the block's own saved tensors (recomputed when
+      checkpointed) and the working set of its feed-forward backward.
+    - **the optimizer step**: weights, gradients, state and the update's temporaries.
 
     ``optimizer`` may also name any optimizer of :mod:`lmcore.optim` (``adamw8bit``, ``shampoo``,
     ``soap``, ``soap-lowbit``, ``muon``), whose state is counted by ``lmcore.optim.state_bytes_formula``
@@ -182,37 +202,75 @@ def memory_peaks(config: ModelConfig, batch: int, seq: int | None = None, dtype:
     states = {"adamw": 2, "adam": 2, "sgd": 0, "sgd-momentum": 1}
     if optimizer not in states and optimizer not in OPTIMIZER_STEP_TEMPORARIES:
         raise ValueError(f"optimizer={optimizer!r} is not one of {sorted(states) + sorted(OPTIMIZER_STEP_TEMPORARIES)}")
+    if loss_chunk is not None and not (isinstance(loss_chunk, int) and loss_chunk >= 1):
+        raise ValueError(f"loss_chunk={loss_chunk!r} must be a positive integer or None")
     a = _bytes(dtype)
     n, d, V = batch * seq, c.d_model, c.vocab_size
     N = count_params(c)
     weights, grads = 4 * N, 4 * N
     opt = 4 * N * states[optimizer] if optimizer in states else _state_bytes(c, optimizer, optimizer_options or {})
+    buffers = 2 * 4 * c.context_length * (c.rotary_dim // 2)  # rotary cos and sin, float32 (context, rotary/2)
     layer = sum(activation_bytes_per_layer(c, batch, seq, dtype).values())
+    layer_casts = 2 * _matrix_params_per_layer(c) if a == 2 else 0  # bf16 weight copies saved by the matmuls
     final_norm = 4 * n * d + 4 * n if c.norm == "rmsnorm" else 8 * n
-    head_input = a * n * d if loss_chunk is None else 4 * n * d  # the chunked loss casts chunk by chunk
-    head = 4 * n * d + final_norm + head_input + 4 * n  # last residual, final norm, head input
-    rows = n if loss_chunk is None else min(n, loss_chunk)
-    if loss_chunk is None:  # float32 logits saved by the loss + three temporaries of its gradient (+ bf16 logits)
-        logits = 4 * n * V + 3 * 4 * n * V
-    else:  # one chunk's logits and their gradient at a time, the head's float32 gradient, log-sum-exps
-        logits = 4 * 4 * rows * V + 4 * V * d + 4 * n
-    head_cast = 2 * V * d if a == 2 else 0
+    head_input = a * n * d if loss_chunk is None else 4 * n * d  # the chunked loss saves the float32 hidden
+    head = 4 * n * d + final_norm + head_input + 4 * n  # last residual, final norm, head input, log-sum-exps
+    head_cast = 2 * V * d if a == 2 else 0  # the bf16 head, made again by the chunked loss's backward
     blocks = checkpointed_blocks(checkpointing, c.n_layers)
-    ckpt = len(blocks)
-    layer_casts = 2 * _matrix_params_per_layer(c) if a == 2 else 0  # bf16 weight copies held until backward
-    stored = (c.n_layers - ckpt) * (layer + layer_casts)  # blocks that keep everything
-    activations = ckpt * 4 * n * d + stored + head + head_cast
-    backward_start = weights + opt + activations + logits
-    if ckpt:  # while a checkpointed block is recomputed and differentiated, on average half the gradients
-        # exist and its backward needs about a third more than its saved activations in temporaries (measured);
-        # the blocks below the highest checkpointed one still hold what they saved
-        below = sum(1 for i in range(max(blocks)) if i not in blocks) * (layer + layer_casts)
-        recompute = weights + opt + grads // 2 + ckpt * 4 * n * d + below + (4 * layer) // 3
-        backward_start = max(backward_start, recompute)
-    optimizer_step = weights + grads + opt + _step_temporaries(c, optimizer)  # + temporaries of the update
-    return {"weights": weights, "gradients": grads, "optimizer": opt, "activations": activations,
-            "logits": logits, "at_backward": backward_start, "at_step": optimizer_step,
-            "total": max(backward_start, optimizer_step)}
+    saved = [4 * n * d if i in blocks else layer + layer_casts for i in range(c.n_layers)]
+    activations = sum(saved) + head + head_cast
+    if loss_chunk is None:  # float32 logits saved by the loss + three temporaries of its gradient
+        logits = 4 * n * V + 3 * 4 * n * V
+    else:  # one chunk's temporaries, the float32 gradients of the head (V, d) and of the hidden states (N, d)
+        logits = _chunk_temporaries(n, V, d, a, loss_chunk) + 4 * V * d + 4 * n * d
+    fixed = weights + opt + buffers
+    backward_start = fixed + activations + logits
+    blocks_peak = _block_backward_peak(c, n, a, saved, blocks, layer + layer_casts)
+    optimizer_step = weights + grads + opt + buffers + _step_temporaries(c, optimizer)  # + the update's
+    at_backward = max(backward_start, fixed + blocks_peak)
+    return {"weights": weights, "gradients": grads, "optimizer": opt, "buffers": buffers,
+            "activations": activations, "logits": logits, "at_backward": at_backward, "at_step": optimizer_step,
+            "total": max(at_backward, optimizer_step)}
+
+
+def _chunk_temporaries(n: int, V: int, d: int, a: int, chunk: int) -> int:
+    """Largest bytes of temporaries inside the backward loop of ``chunked_cross_entropy``.
+
+    For a chunk of ``r`` rows after one of ``p`` rows (``p = 0`` for the first), at three moments:
+    forming ``exp(logits - lse)``: the float32 logits and their shifted copy (8 r V) beside the previous
+    chunk's softmax (4 p V) and logit gradient (``a`` p V; in float32 the scaled softmax itself);
+    scaling: softmax, scaled copy and its cast (8 r V, + 2 r V in bf16) beside the previous gradient;
+    the head's gradient product: softmax, logit gradient and the (V, d) product (+ its float32 copy in
+    bf16). In bf16 the first chunk peaks at 10 r V bytes, the later ones at 14 r V.
+    """
+    k = -(-n // chunk)  # number of chunks
+    r, last = min(chunk, n), n - (k - 1) * chunk
+    pairs = [(0, r)] + ([(chunk, chunk)] if k >= 3 else []) + ([(chunk, last)] if k >= 2 else [])
+    bf16 = a == 2
+    return max(max(8 * r * V + (4 + a) * p * V,
+                   8 * r * V + (2 * r * V if bf16 else 0) + a * p * V,
+                   4 * r * V + a * r * V + a * V * d + (4 * V * d if bf16 else 0)) for p, r in pairs)
+
+
+def _block_backward_peak(c: ModelConfig, n: int, a: int, saved: list[int], blocks: frozenset, block: int) -> int:
+    """Largest activation and gradient bytes while one block runs its backward (weights and state apart).
+
+    At block ``i``: the gradients of the head and final norm and of the blocks above (each complete),
+    what blocks ``0 .. i-1`` saved, block ``i``'s own saved tensors (recomputed from its kept input when
+    checkpointed, the input still alive), and the working set of its feed-forward backward: the incoming
+    float32 gradient (N, d) and its cast, the gradients of the hidden units (2 of (N, d_ff) for the gated
+    network, after the product's saved input is freed; 1 for the plain one) and W2's float32 gradient.
+    """
+    per_block = 4 * (_matrix_params_per_layer(c) + _vector_params_per_layer(c))
+    head_grads = 4 * (c.vocab_size * c.d_model + _norm_params(c))
+    work = 4 * n * c.d_model + a * n * c.d_model + (2 if c.mlp == "gated" else 1) * a * n * c.d_ff \
+        + 4 * c.d_ff * c.d_model
+    below, peak = 0, 0
+    for i in range(c.n_layers):
+        own = block + (4 * n * c.d_model if i in blocks else 0)
+        peak = max(peak, head_grads + (c.n_layers - 1 - i) * per_block + below + own + work)
+        below += saved[i]
+    return peak
 
 
 #: Float32 copies of one parameter alive at once inside an ``lmcore.optim`` step, counted from the code:

@@ -13,8 +13,11 @@ Three measurements, each against a reference taken in the same run:
    against the same kernel given K and V expanded to every query head (the expansion timed too).
 
 ``--quick`` runs tiny shapes on the CPU (float32, the PyTorch FlashAttention for part 3) to check
-the plumbing. A full run writes ``<out-dir>/longctx-<gpu>.csv`` and ``.json`` (default
-``book/results``).
+the plumbing. A GPU run writes ``<out-dir>/longctx-<gpu>.csv`` and ``.json`` (default
+``book/results``; a quick run writes ``longctx-cpu-quick.*`` only where ``--out-dir`` is given) after
+every finished case, so a run stopped early keeps what it measured; the JSON lists the cases still
+``missing``. ``--parts train,pythia,gqa`` runs some of the parts; an existing results file is refused
+unless ``--resume`` is given, which merges the new rows into it (a case measured again replaces its row).
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ FIELDS = ["part", "model", "backend", "context", "checkpointing", "status", "ste
 QUICK_SHAPE = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_head=16, d_ff=128)
 
 
+PARTS = ("train", "pythia", "gqa")
+
+
 def _args(argv):
     p = argparse.ArgumentParser(prog="python -m lmcore.bench longctx")
     p.add_argument("--quick", action="store_true", help="tiny shapes on CPU (checks the plumbing)")
@@ -46,7 +52,9 @@ def _args(argv):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--loss-chunk", type=int, default=4096, help="rows of logits formed at a time")
     p.add_argument("--pythia-batch", type=int, default=8)
-    p.add_argument("--out-dir", default="book/results")
+    p.add_argument("--parts", default=",".join(PARTS), help="which of train,pythia,gqa to run")
+    p.add_argument("--out-dir", default=None, help="where longctx-<gpu>.csv/.json go (a GPU run: book/results)")
+    p.add_argument("--resume", action="store_true", help="add to the results already in --out-dir")
     p.add_argument("--no-write", action="store_true")
     return p.parse_args(argv)
 
@@ -207,10 +215,55 @@ def _write(out_dir: Path, stem: str, rows: list, result: dict) -> list[str]:
     return [str(out_dir / f"{stem}.csv"), str(out_dir / f"{stem}.json")]
 
 
+def _key(row: dict) -> tuple:
+    return (row["part"], row["model"], row["backend"], row["context"], row["checkpointing"])
+
+
+def _expected(contexts, backends, pythia_context: int, gqa_model: str, gqa_impl: str) -> list[tuple]:
+    """Every case of a complete run, as row keys, in the order the benchmark measures them."""
+    train = [("train", "qwen3-0.6b", b, T, ck) for b in backends for T in contexts for ck in (False, True)]
+    pythia = [("pythia", "pythia-160m (lmcore)", backends[0], pythia_context, False),
+              ("pythia", "pythia-160m (transformers)", "sdpa", pythia_context, False)]
+    return train + pythia + [("gqa", gqa_model, gqa_impl, T, False) for T in contexts]
+
+
+def _summary(rows: list, expected: list, runs: list, settings: dict) -> dict:
+    """The results file's content: rows, metrics over them and the cases still missing."""
+    fitted = [r["estimate_over_peak"] for r in rows if r.get("estimate_over_peak")]
+    gqa = [r["ratio"] for r in rows if r["part"] == "gqa" and r["status"] == "ok"]
+    pythia = [r["ratio"] for r in rows if r["part"] == "pythia" and r.get("ratio") is not None]
+    have = {_key(r) for r in rows}
+    return {"metrics": {"pythia_tokens_per_s_ratio_vs_transformers": pythia[0] if pythia else None,
+                        "estimate_over_peak_range": [min(fitted), max(fitted)] if fitted else None,
+                        "gqa_speedup_over_expanded_min": min(gqa) if gqa else None,
+                        "trained_cases_ok": sum(r["status"] == "ok" for r in rows if r["part"] == "train")},
+            "rows": rows, "missing": [dict(zip(("part", "model", "backend", "context", "checkpointing"), k))
+                                      for k in expected if k not in have],
+            "provenance": runs[-1], "runs": runs, "settings": settings}
+
+
+def _previous(path: Path, resume: bool, settings: dict) -> tuple[list, list, list]:
+    """Rows, runs and cases of an earlier results file: refused without ``--resume``, or when measured
+    with other settings."""
+    if not path.exists():
+        return [], [], []
+    if not resume:
+        raise SystemExit(f"{path} already holds results; pass --resume to add to them, or choose another --out-dir")
+    old = json.loads(path.read_text())
+    if old.get("settings") != settings:
+        raise SystemExit(f"{path} was measured with settings {old.get('settings')}, this run uses {settings}; "
+                         "use the same options or another --out-dir")
+    return old.get("rows", []), old.get("runs", [old["provenance"]] if "provenance" in old else []), \
+        [_key(r) for r in old.get("rows", []) + old.get("missing", [])]
+
+
 def main(argv: list[str]) -> dict:
     args = _args(argv)
     from lmcore.bench import gpu_slug, provenance
 
+    parts = args.parts.split(",")
+    if not parts or any(p not in PARTS for p in parts):
+        raise SystemExit(f"--parts {args.parts!r}: expected a comma-separated list of {', '.join(PARTS)}")
     cuda = torch.cuda.is_available() and not args.quick
     if not cuda and not args.quick:
         raise SystemExit("the long-context benchmark needs a CUDA GPU; on CPU use --quick")
@@ -227,30 +280,45 @@ def main(argv: list[str]) -> dict:
         pythia, pythia_batch = ModelConfig.preset("pythia-160m"), args.pythia_batch
         gqa_shape = (base.n_heads, base.kv_heads, base.head_dim)
         torch.backends.cuda.matmul.allow_tf32 = True
-    shown = ["book/results" if i and argv[i - 1] == "--out-dir" else a for i, a in enumerate(argv)]
-    command = " ".join(["python -m lmcore.bench longctx", *shown])
-    rows = []
-    for backend in backends:
+    shown = ["book/results" if i and argv[i - 1] == "--out-dir" and cuda else a for i, a in enumerate(argv)]
+    run = dict(provenance(" ".join(["python -m lmcore.bench longctx", *shown])), parts=parts)
+    settings = {"batch": 1, "dtype": "bfloat16 autocast" if cuda else "float32", "optimizer": "adamw",
+                "loss_chunk": args.loss_chunk, "steps_per_round": args.steps, "rounds": args.rounds,
+                "pythia_batch": pythia_batch, "device": str(device)}
+    gqa_model = "H={} Hkv={} D={}".format(*gqa_shape)
+    gqa_impl = "flash_triton" if cuda else "flash_torch"
+    expected = _expected(contexts, backends, pythia.context_length, gqa_model, gqa_impl)
+    # a GPU run records in book/results unless --no-write; a quick run only where --out-dir is given
+    out_dir = None if args.no_write else args.out_dir or ("book/results" if cuda else None)
+    stem = f"longctx-{gpu_slug(torch.cuda.get_device_name())}" if cuda else "longctx-cpu-quick"
+    path = Path(out_dir) / f"{stem}.json" if out_dir else None
+    rows, runs, before = _previous(path, args.resume, settings) if path else ([], [], [])
+    # cases of earlier calls (other --backends or --contexts) stay expected
+    expected = sorted(before + [k for k in expected if k not in before], key=lambda k: PARTS.index(k[0]))
+    runs = runs + [run]
+    files = []
+
+    def record(new: list) -> None:
+        nonlocal files
+        keys = {_key(r) for r in new}
+        rows[:] = [r for r in rows if _key(r) not in keys] + new
+        rows.sort(key=lambda r: expected.index(_key(r)) if _key(r) in expected else len(expected))
+        for r in new:
+            print(json.dumps(r, default=str), flush=True)
+        if path:  # after every finished case, so a run stopped early keeps what it measured
+            files = _write(path.parent, stem, rows, _summary(rows, expected, runs, settings))
+
+    if "train" in parts:
+        for backend in backends:
+            for T in contexts:
+                for ckpt in (False, True):
+                    record([long_context_case(base, backend, T, ckpt, device, args)])
+    if "pythia" in parts:
+        record(pythia_against_transformers(pythia, pythia_batch, backends[0], device, args)["rows"])
+    if "gqa" in parts:
         for T in contexts:
-            for ckpt in (False, True):
-                rows.append(long_context_case(base, backend, T, ckpt, device, args))
-                print(json.dumps(rows[-1], default=str), flush=True)
-    neox = pythia_against_transformers(pythia, pythia_batch, backends[0], device, args)
-    rows += neox["rows"]
-    for T in contexts:
-        rows.append(gqa_kernel(T, *gqa_shape, device, args))
-        print(json.dumps(rows[-1], default=str), flush=True)
-    fitted = [r["estimate_over_peak"] for r in rows if r.get("estimate_over_peak")]
-    gqa = [r["ratio"] for r in rows if r["part"] == "gqa" and r["status"] == "ok"]
-    result = {"metrics": {"pythia_tokens_per_s_ratio_vs_transformers": neox["ratio"]["median"],
-                          "estimate_over_peak_range": [min(fitted), max(fitted)] if fitted else None,
-                          "gqa_speedup_over_expanded_min": min(gqa) if gqa else None,
-                          "trained_cases_ok": sum(r["status"] == "ok" for r in rows if r["part"] == "train")},
-              "rows": rows, "provenance": provenance(command),
-              "settings": {"batch": 1, "dtype": "bfloat16 autocast" if cuda else "float32", "optimizer": "adamw",
-                           "loss_chunk": args.loss_chunk, "steps_per_round": args.steps, "rounds": args.rounds,
-                           "pythia_batch": pythia_batch, "device": str(device)}}
-    if cuda and not args.no_write:
-        result["files"] = _write(Path(args.out_dir), f"longctx-{gpu_slug(torch.cuda.get_device_name())}", rows,
-                                 result)
+            record([gqa_kernel(T, *gqa_shape, device, args)])
+    result = _summary(rows, expected, runs, settings)
+    if files:
+        result["files"] = files
     return result

@@ -167,3 +167,32 @@ def test_sharded_memory_estimate_splits_model_states_over_ranks():
         sharded_memory_estimate(config, 1, 8, "zero3")
     with pytest.raises(ValueError, match="world_size=0"):
         sharded_memory_estimate(config, 1, 0)
+
+
+def _recorded_h200_cases():
+    import json
+    from pathlib import Path
+
+    data = json.loads((Path(__file__).parent / "data" / "longctx-h200-peaks.json").read_text())
+    return data, [pytest.param(case, id=f"{case['backend']}-{case['context']}-ckpt{int(case['checkpointing'])}")
+                  for case in data["cases"]]
+
+
+@pytest.mark.parametrize("case", _recorded_h200_cases()[1])
+def test_memory_estimate_matches_the_recorded_h200_peaks(case):
+    """The qwen3-0.6b shape trained at 4k-32k tokens on an H200 (peaks recorded in data/, with provenance)."""
+    data = _recorded_h200_cases()[0]
+    base = ModelConfig.preset(data["model"])
+    T = case["context"]
+    config = base.replace(context_length=max(T, base.context_length), attention_backend=case["backend"])
+    est = memory_estimate(config, data["batch"], T, data["dtype"], data["optimizer"],
+                          checkpointing=case["checkpointing"], loss_chunk=data["loss_chunk"])["total"]
+    assert est / 1e9 == pytest.approx(case["peak_gb"], rel=0.10)
+
+
+def test_chunked_loss_single_chunk_peaks_lower_than_several():
+    """From the second chunk on, the previous chunk's softmax and gradient are still alive."""
+    config = ModelConfig.preset("qwen3-0.6b")
+    one = memory_estimate(config, 1, 4096, checkpointing=True, loss_chunk=4096)["logits"]
+    two = memory_estimate(config, 1, 8192, checkpointing=True, loss_chunk=4096)["logits"]
+    assert two - one == 4 * 4096 * config.vocab_size + 4 * 4096 * config.d_model

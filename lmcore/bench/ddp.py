@@ -24,6 +24,7 @@ import argparse
 import atexit
 import csv
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -136,7 +137,8 @@ def _worker(rank: int, world: int, cfg_dict: dict) -> dict:
                 emit("timelines", {**{k: record[k] for k in ("model", "kind", "bucket_mb")}, **timeline})
         except Exception as err:  # noqa: BLE001 - one configuration failing (e.g. out of memory) is recorded
             record["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-        if device.type == "cuda":
+        if device.type == "cuda":  # the wrappers' gradient hooks form reference cycles: collect them first,
+            gc.collect()  # or the memory of one configuration is still held when the next one's peak is read
             torch.cuda.empty_cache()
         # Both ranks must agree that this configuration finished before the next collective.
         failed = torch.tensor([float(record["status"] != "ok")], device=device)

@@ -58,6 +58,8 @@ def _args(argv):
     p.add_argument("--passes", default="fwd,fwd+bwd,decode")
     p.add_argument("--out-dir", default="book/results", help="where nsa-<gpu>.csv/.json go")
     p.add_argument("--overwrite", action="store_true", help="replace existing result files for this GPU")
+    p.add_argument("--resume", action="store_true",
+                   help="add to the results file for this GPU (a case measured again replaces its rows)")
     p.add_argument("--no-write", action="store_true")
     return p.parse_args(argv)
 
@@ -242,8 +244,14 @@ def main(argv: list[str]) -> dict:
     stem = f"nsa-{gpu_slug(torch.cuda.get_device_name()) if cuda else 'cpu'}"
     out_dir = Path(args.out_dir)
     write = cuda and not args.no_write
-    if write and (out_dir / f"{stem}.json").exists() and not args.overwrite:
-        raise SystemExit(f"{out_dir / stem}.json exists; pass --overwrite to replace it or --out-dir elsewhere")
+    earlier, runs = [], []
+    if write and (out_dir / f"{stem}.json").exists():
+        if args.resume:
+            old = json.loads((out_dir / f"{stem}.json").read_text())
+            earlier, runs = old["rows"], old.get("runs", [old["provenance"]])
+        elif not args.overwrite:
+            raise SystemExit(f"{out_dir / stem}.json exists; pass --resume to add to it, --overwrite to "
+                             "replace it, or --out-dir elsewhere")
     dtype = torch.bfloat16 if cuda else torch.float32
     shown = ["book/results" if i and argv[i - 1] == "--out-dir" else a for i, a in enumerate(argv)]
     prov = provenance(" ".join(["python -m lmcore.bench nsa", *shown]))
@@ -270,11 +278,13 @@ def main(argv: list[str]) -> dict:
             del q, k, v, do, fns
             if cuda:
                 torch.cuda.empty_cache()
-            result = {**summarize(rows), "rows": rows, "provenance": prov,
+            done = {(r["setting"], r["seq"]) for r in rows}
+            kept = [r for r in earlier if (r["setting"], r["seq"]) not in done]
+            result = {**summarize(kept + rows), "rows": kept + rows, "provenance": prov, "runs": runs + [prov],
                       "settings": {"dtype": str(dtype), "batch": 1, "causal": True, "rounds": args.rounds,
                                    "fla_core": fla_error or "installed",
                                    "nsa": "paper sizes: cmp_block 32, stride 16, sel_block 64, top 16, window 512",
                                    "nsa_cs": "fla sizes: cmp = sel block 64, top 16, no window"}}
             if write:  # after every length, so a stopped run keeps what it measured
-                result["files"] = _write(out_dir, stem, rows, result)
+                result["files"] = _write(out_dir, stem, kept + rows, result)
     return result

@@ -65,8 +65,8 @@ if triton is not None:
         return ok
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, L, IDX, n_q_heads, n_kv_heads, tq, n_keys, q_off, head_dim, qk_scale,
-                    G: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
+    def _fwd_kernel(Q, K, V, O, L, IDX, n_q_heads, n_kv_heads, tq, n_keys, q_off, head_dim,
+                    QK_SCALE: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
                     HEAD_DIM: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, WINDOW: tl.constexpr,
                     N_SEL: tl.constexpr, PREC: tl.constexpr):
         """O, LSE of one (BT tokens x G heads) tile over a key range (N_SEL == 0) or its selected blocks."""
@@ -96,7 +96,7 @@ if triton is not None:
             else:
                 kidx = lo + it * BK + tl.arange(0, BK)
             k, v = _key_tile(K, V, kv_base, kidx, n_keys, head_dim, offs_d)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (R, BK), log2 units
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * QK_SCALE  # (R, BK), log2 units
             s = tl.where(_visible(qpos, kidx, n_keys, KS, KO, WINDOW), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -113,7 +113,7 @@ if triton is not None:
 
     @triton.jit
     def _dq_kernel(Q, K, V, DO, DQ, L, Delta, IDX, n_q_heads, n_kv_heads, tq, n_keys, q_off, head_dim,
-                   qk_scale, sm_scale, G: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
+                   QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
                    HEAD_DIM: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, WINDOW: tl.constexpr,
                    N_SEL: tl.constexpr, PREC: tl.constexpr):
         """dQ = sum_j dS_j K_j * scale over the same keys as the forward, dS = P (dO V^T - delta)."""
@@ -144,16 +144,16 @@ if triton is not None:
             else:
                 kidx = lo + it * BK + tl.arange(0, BK)
             k, v = _key_tile(K, V, kv_base, kidx, n_keys, head_dim, offs_d)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * QK_SCALE
             p = tl.where(_visible(qpos, kidx, n_keys, KS, KO, WINDOW), tl.exp2(s - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-        tl.store(DQ + base[:, None] + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
+        tl.store(DQ + base[:, None] + offs_d[None, :], (dq * SM_SCALE).to(DQ.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _dkv_kernel(Q, K, V, DO, DK, DV, L, Delta, REV, OFFS, n_q_heads, n_kv_heads, tq, n_keys, q_off,
-                    head_dim, qk_scale, sm_scale, n_tiles, chunk, rev_len,
+                    head_dim, n_tiles, chunk, rev_len, QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr,
                     G: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
                     HEAD_DIM: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, WINDOW: tl.constexpr,
                     SELECTED: tl.constexpr, PREC: tl.constexpr):
@@ -199,7 +199,7 @@ if triton is not None:
                 do = tl.load(DO + base[:, None] + offs_d[None, :], mask=rmask, other=0.0)
                 lse2 = tl.load(L + base // head_dim, mask=in_chunk, other=float("inf")) * 1.4426950408889634
                 delta = tl.load(Delta + base // head_dim, mask=in_chunk, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # (R, BK)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * QK_SCALE  # (R, BK)
                 vis = _visible(q_off + tok, kidx, n_keys, KS, KO, WINDOW) & in_chunk[:, None]
                 p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
                 dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
@@ -208,12 +208,12 @@ if triton is not None:
                 dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
             ptr = (kv_base + kidx.to(tl.int64) * head_dim)[:, None] + offs_d[None, :]
             m = (kidx[:, None] < n_keys) & d_ok
-            tl.atomic_add(DK + ptr, dk * sm_scale, mask=m)
+            tl.atomic_add(DK + ptr, dk * SM_SCALE, mask=m)
             tl.atomic_add(DV + ptr, dv, mask=m)
 
     @triton.jit
     def _importance_kernel(Q, KC, L, S_OUT, n_q_heads, n_kv_heads, tq, n_cmp, n_blocks, q_off, head_dim,
-                           qk_scale, cmp_len, cmp_stride, sel_len,
+                           QK_SCALE: tl.constexpr, cmp_len, cmp_stride, sel_len,
                            G: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr, NB: tl.constexpr,
                            R: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
         """Block scores (B*Hkv, Tq, n_blocks): compressed-attention probabilities summed over the
@@ -240,7 +240,7 @@ if triton is not None:
             cidx = j0 * R + tl.arange(0, NB * R)  # compressed tokens starting in blocks j0 .. j0+NB-1
             cm = (cidx[:, None] < n_cmp) & (offs_d[None, :] < head_dim)
             kc = tl.load(KC + kc_base + cidx.to(tl.int64)[:, None] * head_dim + offs_d[None, :], mask=cm, other=0.0)
-            s = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale  # (R, NB*R)
+            s = tl.dot(q, tl.trans(kc), input_precision=PREC) * QK_SCALE  # (R, NB*R)
             vis = ((cidx[None, :] * cmp_stride + cmp_len - 1) <= qpos[:, None]) & (cidx[None, :] < n_cmp)
             p = tl.where(vis & ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
             p = tl.sum(tl.reshape(p, (BT, BG, NB * R)), 1)  # (BT, NB*R): summed over the group's heads
@@ -299,7 +299,7 @@ def attn_forward(q, k, v, scale: float, q_off: int, block: int, idx=None, window
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(tq, meta["BT"]), bsz * hkv)
     _fwd_kernel[grid](q, k, v, o, lse, idx if idx is not None else q, hq, hkv, tq, n_keys, q_off, d,
-                      scale * LOG2E, BK=block, N_SEL=idx.shape[-1] if idx is not None else 0, **meta)
+                      QK_SCALE=scale * LOG2E, BK=block, N_SEL=idx.shape[-1] if idx is not None else 0, **meta)
     return o, lse
 
 
@@ -325,8 +325,8 @@ def attn_backward(q, k, v, o, lse, do, scale: float, q_off: int, block: int, idx
     dq = torch.empty_like(q)
     n_sel = idx.shape[-1] if selected else 0
     _dq_kernel[(triton.cdiv(tq, meta["BT"]), bsz * hkv)](
-        q, k, v, do, dq, lse, delta, idx if selected else q, hq, hkv, tq, n_keys, q_off, d, scale * LOG2E,
-        scale, BK=block, N_SEL=n_sel, **meta)
+        q, k, v, do, dq, lse, delta, idx if selected else q, hq, hkv, tq, n_keys, q_off, d,
+        QK_SCALE=scale * LOG2E, SM_SCALE=scale, BK=block, N_SEL=n_sel, **meta)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     n_tiles = triton.cdiv(n_keys, block)
@@ -339,8 +339,8 @@ def attn_backward(q, k, v, o, lse, do, scale: float, q_off: int, block: int, idx
         n_chunks = triton.cdiv(min(tq, reach), chunk)
     bt, bg = _tiles(hq // hkv, False)
     _dkv_kernel[(n_tiles, n_chunks, bsz * hkv)](
-        q, k, v, do, dk, dv, lse, delta, rev, offs, hq, hkv, tq, n_keys, q_off, d, scale * LOG2E, scale,
-        n_tiles, chunk, rev.shape[-1] if selected else 0, BK=block, SELECTED=selected, **dict(meta, BT=bt, BG=bg))
+        q, k, v, do, dk, dv, lse, delta, rev, offs, hq, hkv, tq, n_keys, q_off, d,
+        n_tiles, chunk, rev.shape[-1] if selected else 0, QK_SCALE=scale * LOG2E, SM_SCALE=scale, BK=block, SELECTED=selected, **dict(meta, BT=bt, BG=bg))
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -357,9 +357,9 @@ def block_scores(q, k_cmp, lse_cmp, n_keys: int, cfg, scale: float) -> torch.Ten
     bt = max(1, 64 // bg)
     nb = max(1, 64 // r)
     _importance_kernel[(triton.cdiv(tq, bt), bsz * hkv)](
-        q, k_cmp.contiguous(), lse_cmp, out, hq, hkv, tq, n_cmp, n_blocks, n_keys - tq, d, scale * LOG2E,
-        cfg.cmp_block, cfg.cmp_stride, cfg.sel_block, G=hq // hkv, BT=bt, BG=bg, NB=nb, R=r,
-        HEAD_DIM=max(16, triton.next_power_of_2(d)), PREC=precision(q.dtype))
+        q, k_cmp.contiguous(), lse_cmp, out, hq, hkv, tq, n_cmp, n_blocks, n_keys - tq, d,
+        QK_SCALE=scale * LOG2E, cmp_len=cfg.cmp_block, cmp_stride=cfg.cmp_stride, sel_len=cfg.sel_block,
+        G=hq // hkv, BT=bt, BG=bg, NB=nb, R=r, HEAD_DIM=max(16, triton.next_power_of_2(d)), PREC=precision(q.dtype))
     return out
 
 

@@ -75,7 +75,10 @@ def model_config(name: str, seq: int, attention: str, block_size: int, impl: str
     if attention == "block_sparse":  # a sliding window of a quarter of the context
         options = dict(pattern="local", window=max(block_size, seq // 4), block_size=block_size, impl=impl)
     elif attention == "nsa":
-        options = dict(block_size=block_size, impl=impl)
+        # the paper's design at this block size: compressed blocks of half a block every quarter,
+        # up to 16 selected blocks (never more than the sequence holds), a window of an eighth
+        options = dict(cmp_block=block_size // 2, cmp_stride=block_size // 4, sel_block=block_size,
+                       top_n=max(2, min(16, seq // block_size)), window=max(block_size, seq // 8), impl=impl)
     return ModelConfig.preset(preset, **overrides, context_length=seq, attention_backend=attention,
                               attention_options=options)
 

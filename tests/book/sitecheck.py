@@ -112,7 +112,7 @@ def check_site(html_dir: Path, pages: list[str], screenshots: Path | None = None
     return problems
 
 
-# --- reading a page as a reader does (issue 17) ------------------------------------------------------------------
+# --- reading a page as a reader does (issue 17) ---------------------------------------------------
 # Waits for MathJax (if the page loads it) to typeset, then returns what the page shows.
 WAIT_FOR_MATH_JS = """
 const done = arguments[arguments.length - 1];
@@ -121,7 +121,7 @@ if (!mj || !mj.startup || !mj.startup.promise) { done(mj ? 'not started' : 'abse
 mj.startup.promise.then(() => done('typeset'), (e) => done('failed: ' + e));
 """
 READ_PAGE_JS = """
-const article = document.querySelector('article.bd-article') || document.querySelector('main') || document.body;
+const article = document.querySelector('article.bd-article') || document.body;
 const style = getComputedStyle(article);
 const textWidth = article.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
 const visible = el => !!(el.offsetWidth || el.offsetHeight || el.getClientRects().length);
@@ -134,9 +134,11 @@ for (let node = walker.nextNode(); node; node = walker.nextNode()) {
   const m = node.nodeValue.match(/\\\\\\(|\\\\\\)|\\\\\\[|\\\\\\]|\\$\\$/);
   if (m) raw.push(node.nodeValue.trim().slice(0, 80));
 }
-const scalar = /^(?:[-+]?(?:\\d[\\d_]*\\.?\\d*|\\.\\d+)(?:e[-+]?\\d+)?|[-+]?(?:nan|inf)|True|False|None|(?:np\\.)?(?:float|int|bool)\\d*\\(.{0,30}\\)|tensor\\(.{0,40}\\))$/;
+// a number, a bool, None, a NumPy scalar or a 0-d tensor: what a cell ending in record(...) printed
+const scalar = new RegExp(String.raw`^(?:[-+]?(?:\\d[\\d_]*\\.?\\d*|\\.\\d+)(?:e[-+]?\\d+)?|[-+]?(?:nan|inf)` +
+  String.raw`|True|False|None|(?:np\\.)?(?:float|int|bool)\\d*\\(.{0,30}\\)|tensor\\(.{0,40}\\))$`);
 const scalars = [];
-for (const pre of article.querySelectorAll('.cell_output .output.text_plain pre, .cell_output .output.text_html pre')) {
+for (const pre of article.querySelectorAll('.cell_output .output.text_plain pre')) {
   const t = pre.innerText.trim();
   if (t.length <= 50 && scalar.test(t)) scalars.push(t);
 }
@@ -174,7 +176,7 @@ def screenshot_name(page: str) -> str:
 
 
 def save_full_page(driver, folder: Path, page: str, width: int, height: int) -> list[Path]:
-    """The top of the page as ``NAME.png`` and the whole page in tiles ``NAME-01.png``, ``NAME-02.png``, ..."""
+    """The top of the page as ``NAME.png``, the whole page in tiles ``NAME-01.png``, ``NAME-02.png``..."""
     import base64
 
     name = screenshot_name(page)

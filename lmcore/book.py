@@ -408,6 +408,23 @@ def build(
     return runs
 
 
+def setup(app) -> dict:
+    """Sphinx extension (``extra_extensions`` in ``_config.yml``): the bibliography style ``lmcore``,
+    pybtex's plain style with titles as ``references.bib`` writes them (plain would print
+    "Flashattention-2", lower-casing every title but its first letter)."""
+    from pybtex.plugin import register_plugin
+    from pybtex.style.formatting.plain import Style
+    from pybtex.style.template import field, sentence
+
+    class TitlesAsWritten(Style):
+        def format_title(self, e, which_field, as_sentence=True):
+            title = field(which_field)
+            return sentence[title] if as_sentence else title
+
+    register_plugin("pybtex.style.formatting", "lmcore", TitlesAsWritten, force=True)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcore.book", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

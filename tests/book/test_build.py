@@ -99,3 +99,30 @@ def test_only_refuses_unknown_names_and_builds_a_book_of_the_chapters_given(tmp_
     page = (tmp_path / "html" / "book" / "broken.html").read_text()
     assert "not executed in this build" in page
     assert "ZeroDivisionError" not in page
+
+
+@pytest.mark.parametrize("cites", [True, False], ids=["a-chapter-cites", "nothing-cites-yet"])
+def test_the_book_config_builds_citations_and_the_references_page(tmp_path, cites):
+    """The book's own _config.yml, references.bib and references page build with warnings as errors,
+    whether or not a chapter cites yet; a citation reads as author and year and links to the list."""
+    import shutil
+
+    text = "Attention as in {cite:t}`vaswani2017attention`, tiled {cite:p}`dao2023flashattention2`.\n"
+    root = throwaway_book(tmp_path / "root", {
+        "cites": [("markdown", "# Cites\n\n" + (text if cites else "No citation yet.\n"), []),
+                  ("code", "n = 1", ["parameters"])],
+    })
+    shutil.copy(ROOT / "_config.yml", root / "_config.yml")
+    for name in ("references.bib", "references.md"):
+        shutil.copy(ROOT / "book" / name, root / "book" / name)
+    with open(root / "_toc.yml", "a") as f:
+        f.write("  - file: book/references\n")
+    build(root, output=tmp_path / "html", log=lambda *_: None)
+    page = (tmp_path / "html" / "book" / "cites.html").read_text()
+    references = (tmp_path / "html" / "book" / "references.html").read_text()
+    if cites:
+        assert "Vaswani <em>et al.</em>" in page and "2017" in page and 'href="references.html#' in page
+        assert "Attention Is All You Need" in references and "FlashAttention-2: Faster" in references
+    else:
+        assert "Attention Is All You Need" not in references  # only what is cited is listed
+    assert (tmp_path / "html" / "_static" / "mathjax" / "tex-chtml.js").is_file()

@@ -188,3 +188,91 @@ def test_the_repository_is_the_one_in_config():
         f"pyproject.toml's [project.urls] Repository must be _config.yml's repository.url {url}"
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     assert config["launch_buttons"]["colab_url"] and config["launch_buttons"]["binderhub_url"]
+
+
+# --- the reader standard for code cells (issue 17) ---------------------------------------------------------------
+# Chapters that do not meet the code-cell standard yet. Each one is being brought to it; this set must
+# shrink to empty, and a chapter not in it fails the checks below.
+PENDING_CODE_CELLS = {
+    "00-using-this-book", "01-bpe", "02-transformer", "03-training", "04-flash-attention",
+    "05-sparse-attention", "06-ddp", "07-optimizers", "08-model-families",
+}
+MAX_CODE_COLUMNS = 88  # the widest code line a page shows without scrolling sideways
+MAX_SHOWN_LINES = 25  # longer cells hide their plumbing (hide-input) or move it into lmcore
+HIDDEN_TAGS = {"hide-input", "hide-cell", "remove-input", "remove-cell"}
+
+
+def is_colab_cell(cell: dict) -> bool:
+    """The install cell `python -m lmcore.book colab` writes (removed from the rendered book)."""
+    return "google.colab" in "".join(cell["source"]) and "remove-cell" in cell.get("metadata", {}).get("tags", [])
+
+
+def wide_code_lines(path: Path, limit: int = MAX_CODE_COLUMNS) -> list[str]:
+    """'cell N (id X), line M: K characters' for every code line longer than ``limit``."""
+    found = []
+    for n, cell in enumerate(cells(path), 1):
+        if cell["cell_type"] != "code" or is_colab_cell(cell):
+            continue
+        for m, line in enumerate("".join(cell["source"]).splitlines(), 1):
+            if len(line) > limit:
+                found.append(f"cell {n} (id {cell.get('id')}), line {m}: {len(line)} characters: "
+                             f"{line.strip()[:60]!r}")
+    return found
+
+
+def long_shown_cells(path: Path, limit: int = MAX_SHOWN_LINES) -> list[str]:
+    """'cell N (id X): K lines starting ...' for every shown code cell longer than ``limit`` lines."""
+    found = []
+    for n, cell in enumerate(cells(path), 1):
+        tags = set(cell.get("metadata", {}).get("tags", []))
+        lines = "".join(cell["source"]).splitlines()
+        if cell["cell_type"] == "code" and not tags & HIDDEN_TAGS and len(lines) > limit:
+            found.append(f"cell {n} (id {cell.get('id')}): {len(lines)} lines, "
+                         f"starting {lines[0].strip()[:60]!r}")
+    return found
+
+
+def pending(stem: str, problems: list[str], summary: str) -> None:
+    """Skip a pending chapter that still has problems; fail one that has none, so the set shrinks."""
+    assert problems, f"{stem} meets the code-cell standard now: remove it from PENDING_CODE_CELLS"
+    pytest.skip(f"{stem} is pending the code-cell standard ({summary})")
+
+
+def test_pending_code_cells_names_only_chapters():
+    unknown = PENDING_CODE_CELLS - {p.stem for p in NOTEBOOKS}
+    assert not unknown, f"PENDING_CODE_CELLS names chapters that do not exist: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_code_lines_fit_the_page(path):
+    found = wide_code_lines(path)
+    if path.stem in PENDING_CODE_CELLS:
+        pending(path.stem, found + long_shown_cells(path), f"{len(found)} lines too wide")
+    assert not found, (f"{path.name}: code lines over {MAX_CODE_COLUMNS} characters scroll sideways on the "
+                       "page; wrap them:\n" + "\n".join(found))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_shown_code_cells_are_short(path):
+    found = long_shown_cells(path)
+    if path.stem in PENDING_CODE_CELLS:
+        pending(path.stem, found + wide_code_lines(path), f"{len(found)} shown cells too long")
+    assert not found, (f"{path.name}: shown code cells over {MAX_SHOWN_LINES} lines; move the plumbing into "
+                       "lmcore or tag the cell hide-input:\n" + "\n".join(found))
+
+
+def test_code_cell_checks_find_what_they_should(tmp_path):
+    from .conftest import write_notebook
+
+    nb = write_notebook(tmp_path / "x.ipynb", [
+        ("markdown", "# X\n", []),
+        ("code", "n = 1\n" + "y = " + "1 + " * 30 + "1", ["parameters"]),
+        ("code", "\n".join(f"a{i} = {i}" for i in range(30)), []),
+        ("code", "\n".join(f"b{i} = {i}" for i in range(30)), ["hide-input"]),
+        ("code", "import sys\nif 'google.colab' in sys.modules:  # " + "x" * 100, ["remove-cell"]),
+    ])
+    wide = wide_code_lines(nb)
+    assert len(wide) == 1 and wide[0].startswith("cell 2 (id "), wide
+    assert ", line 2: 125 characters" in wide[0], wide
+    long = long_shown_cells(nb)
+    assert len(long) == 1 and long[0].startswith("cell 3 (id ") and "30 lines" in long[0], long

@@ -7,14 +7,17 @@
 - :mod:`lmcore.sparse.kernel`: :func:`block_sparse_attention`, a FlashAttention-2-style kernel
   that visits only the allowed key blocks, forward and backward;
 - :mod:`lmcore.sparse.reference`: the same sparse work in PyTorch, and dense masked attention;
-- :mod:`lmcore.sparse.nsa`: Native Sparse Attention (compressed, selected and sliding branches).
+- :mod:`lmcore.sparse.nsa`: Native Sparse Attention (compressed, selected and sliding branches),
+  its readable definition and its layer; :mod:`lmcore.sparse.nsa_triton`: its kernels (attention
+  shared by a KV group's heads, block importance, top-n selection).
 
 Every function takes ``impl``, one of :data:`IMPLS`: ``"triton"`` (the Triton kernels),
 ``"torch"`` (PyTorch doing the same sparse work), ``"reference"`` (dense attention written out
 with the element mask) or ``"auto"``.
 
 Importing this package registers two attention backends for ``TransformerLM``:
-``block_sparse`` (options: ``pattern``, ``block_size`` and the pattern's parameters) and ``nsa``.
+``block_sparse`` (options: ``pattern``, ``block_size`` and the pattern's parameters) and ``nsa``
+(options: the fields of :class:`NSAConfig` and ``impl``; grouped K/V and decoding with a cache).
 """
 
 from __future__ import annotations

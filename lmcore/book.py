@@ -422,7 +422,23 @@ def setup(app) -> dict:
             return sentence[title] if as_sentence else title
 
     register_plugin("pybtex.style.formatting", "lmcore", TitlesAsWritten, force=True)
+    app.add_css_file(BOOK_CSS_NAME)
+    app.connect("build-finished", _write_book_css)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
+BOOK_CSS_NAME = "lmcore.css"
+#: Code at 0.8rem: the 88 columns the chapters' code is wrapped at fit the text column without
+#: scrolling sideways (tests/book/test_browser.py checks every code block of every page).
+BOOK_CSS = ".bd-article pre, .bd-article pre code { font-size: 0.8rem; }\n"
+
+
+def _write_book_css(app, exception) -> None:
+    """Write the stylesheet ``setup`` linked into every page (when the HTML build succeeded)."""
+    if exception is None and app.builder.format == "html":
+        static = Path(app.outdir) / "_static"
+        static.mkdir(parents=True, exist_ok=True)
+        (static / BOOK_CSS_NAME).write_text(BOOK_CSS, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

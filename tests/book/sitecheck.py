@@ -180,10 +180,16 @@ def save_full_page(driver, folder: Path, page: str, width: int, height: int) -> 
     import base64
 
     name = screenshot_name(page)
+    for old in folder.glob(f"{name}-[0-9][0-9].png"):  # tiles of an earlier, longer rendering
+        old.unlink()
     driver.save_screenshot(str(folder / f"{name}.png"))
     saved = [folder / f"{name}.png"]
-    for n, top in enumerate(range(0, height, SCREENSHOT_TILE), 1):
-        clip = {"x": 0, "y": top, "width": width, "height": min(SCREENSHOT_TILE, height - top), "scale": 1}
+    tops = list(range(0, height, SCREENSHOT_TILE))
+    if len(tops) > 1 and height - tops[-1] < SCREENSHOT_TILE // 4:
+        tops.pop()  # a sliver at the bottom joins the tile above it
+    for n, top in enumerate(tops, 1):
+        bottom = height if n == len(tops) else top + SCREENSHOT_TILE
+        clip = {"x": 0, "y": top, "width": width, "height": bottom - top, "scale": 1}
         shot = driver.execute_cdp_cmd("Page.captureScreenshot",
                                       {"format": "png", "clip": clip, "captureBeyondViewport": True})
         path = folder / f"{name}-{n:02d}.png"

@@ -7,12 +7,12 @@
 Command line: ``python -m lmcore.data generate|tokenize`` (``--help`` for each).
 """
 
-from lmcore.data.corpus import HUB_CORPORA, load_corpus, stdlib_docstrings, stdlib_sources
+from lmcore.data.corpus import HUB_CORPORA, load_corpus, python_sources, stdlib_docstrings, stdlib_sources
 from lmcore.data.stories import END_OF_TEXT, builtin_corpus, iter_stories
 from lmcore.data.tokenize import dtype_for, tokenize_to_npy
 
-__all__ = ["load_corpus", "stdlib_docstrings", "stdlib_sources", "builtin_corpus", "iter_stories", "END_OF_TEXT",
-           "HUB_CORPORA", "tokenize_to_npy", "dtype_for", "write_corpus"]
+__all__ = ["load_corpus", "python_sources", "stdlib_docstrings", "stdlib_sources", "builtin_corpus",
+           "iter_stories", "END_OF_TEXT", "HUB_CORPORA", "tokenize_to_npy", "dtype_for", "write_corpus"]
 
 
 def write_corpus(path, name_or_path: str = "builtin", size: int | None = None, seed: int = 0, **kwargs) -> str:

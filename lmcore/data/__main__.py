@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmcore.data", description="corpora and token files")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="write a corpus (default: the built-in stories) to a file")
-    gen.add_argument("--corpus", default="builtin", help="builtin, stdlib-docs, tinystories, wikitext-2 or a path")
+    gen.add_argument("--corpus", default="builtin",
+                     help="builtin, stdlib-docs, stdlib-source, python-source, tinystories, wikitext-2 or a path")
     gen.add_argument("--size", type=parse_size, default=None, help="bytes, e.g. 5MB")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", required=True)

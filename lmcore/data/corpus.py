@@ -24,7 +24,7 @@ HUB_CORPORA = {
     "tinystories": HubCorpus("roneneldan/TinyStories", None, "text", END_OF_TEXT),
     "wikitext-2": HubCorpus("Salesforce/wikitext", "wikitext-2-raw-v1", "text", ""),
 }
-BUILTIN_NAMES = ("builtin", "stdlib-docs", "stdlib-source")
+BUILTIN_NAMES = ("builtin", "stdlib-docs", "stdlib-source", "python-source")
 _LOCAL_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".txt": "text",
                    ".csv": "csv", ".arrow": "arrow"}
 
@@ -36,7 +36,12 @@ def load_corpus(name_or_path: str | os.PathLike = "builtin", size: int | None = 
     - ``"builtin"``: the generated stories (:mod:`lmcore.data.stories`), ``size`` bytes (default 1 MB).
     - ``"stdlib-docs"``: the docstrings of the Python standard library installed here.
     - ``"stdlib-source"``: the source files of that standard library (code, comments and
-      docstrings, about 30 MB): a larger real text every machine with Python has offline.
+      docstrings; 10-30 MB depending on whether the standard library's tests are installed): a
+      larger real text every machine with Python has offline.
+    - ``"python-source"``: those files followed by the ``.py`` files of every package installed
+      in this environment (``site-packages``, sorted by path): hundreds of MB where torch is
+      installed, for runs that need more tokens than the standard library holds. It depends on
+      the environment, so record its size with the results.
     - ``"tinystories"`` / ``"wikitext-2"``: the data set through ``datasets`` (downloaded once into
       its cache; with ``size``, streamed, so only about ``size`` bytes are fetched). ``data_files`` replaces the hub repository with local files of the same layout
       (parquet, json/jsonl, csv or text), read by the same code.
@@ -53,6 +58,8 @@ def load_corpus(name_or_path: str | os.PathLike = "builtin", size: int | None = 
         text = stdlib_docstrings(size)
     elif name == "stdlib-source":
         text = stdlib_sources(size)
+    elif name == "python-source":
+        text = python_sources(size)
     elif name in HUB_CORPORA:
         text = _load_hub(HUB_CORPORA[name], split, data_files, cache_dir, size)
     elif os.path.isfile(name):
@@ -153,18 +160,30 @@ def stdlib_docstrings(size: int | None = None) -> str:
 def stdlib_sources(size: int | None = None) -> str:
     """The ``.py`` files of the installed standard library (its tests included, ``site-packages``
     not), sorted by path, each followed by ``<|endoftext|>``."""
-    root = sysconfig.get_paths()["stdlib"]
+    return _python_files([sysconfig.get_paths()["stdlib"]], size)
+
+
+def python_sources(size: int | None = None) -> str:
+    """The standard library's ``.py`` files, then those of every installed package, sorted by path,
+    each followed by ``<|endoftext|>``."""
+    paths = sysconfig.get_paths()
+    roots = [paths["stdlib"]] + sorted({paths["purelib"], paths["platlib"]})
+    return _python_files(roots, size)
+
+
+def _python_files(roots: list[str], size: int | None) -> str:
     parts, total = [], 0
-    for folder, subfolders, names in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if d not in ("site-packages", "__pycache__"))
-        for filename in sorted(n for n in names if n.endswith(".py")):
-            try:
-                with open(os.path.join(folder, filename), encoding="utf-8") as f:
-                    text = f.read()
-            except (UnicodeDecodeError, OSError):
-                continue
-            parts.append(text + END_OF_TEXT)
-            total += len(text) + len(END_OF_TEXT)
-            if size is not None and total >= size:
-                return "".join(parts)
+    for root in roots:
+        for folder, subfolders, names in os.walk(root):
+            subfolders[:] = sorted(d for d in subfolders if d not in ("site-packages", "__pycache__"))
+            for filename in sorted(n for n in names if n.endswith(".py")):
+                try:
+                    with open(os.path.join(folder, filename), encoding="utf-8") as f:
+                        text = f.read()
+                except (UnicodeDecodeError, OSError):
+                    continue
+                parts.append(text + END_OF_TEXT)
+                total += len(text) + len(END_OF_TEXT)
+                if size is not None and total >= size:
+                    return "".join(parts)
     return "".join(parts)

@@ -104,3 +104,15 @@ def test_stdlib_source_is_real_python_read_offline():
     assert 190_000 <= len(text.encode("utf-8")) <= 200_000
     assert "def " in text and "import " in text and "<|endoftext|>" in text
     assert text == load_corpus("stdlib-source", size=200_000)  # deterministic
+
+
+def test_python_source_goes_on_into_the_installed_packages():
+    from lmcore.data import load_corpus, stdlib_sources
+
+    stdlib = stdlib_sources()
+    size = len(stdlib.encode("utf-8")) + 300_000
+    text = load_corpus("python-source", size=size)
+    assert text.startswith(stdlib)  # the standard library first, in the same order
+    extra = text[len(stdlib):]
+    assert len(extra.encode("utf-8")) > 250_000 and "import " in extra and "<|endoftext|>" in extra
+    assert text == load_corpus("python-source", size=size)  # deterministic

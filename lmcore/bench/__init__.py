@@ -56,3 +56,22 @@ def provenance(command: str | None = None) -> dict:
     except ImportError:
         pass
     return info
+
+
+def write_results(out_dir, stem: str, fields: list[str], rows: list[dict], result: dict) -> list[str]:
+    """Write ``<stem>.csv`` (``rows`` in the columns ``fields``) and ``<stem>.json`` (``result``) in
+    ``out_dir``, each atomically; returns both paths."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from lmcore.utils import atomic_write
+
+    out_dir = Path(out_dir)
+    with atomic_write(out_dir / f"{stem}.csv") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    with atomic_write(out_dir / f"{stem}.json") as f:
+        json.dump(result, f, indent=1, sort_keys=True, default=str)
+    return [str(out_dir / f"{stem}.csv"), str(out_dir / f"{stem}.json")]

@@ -24,7 +24,6 @@ unless ``--resume`` is given, which merges the new rows into it (a case measured
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from pathlib import Path
@@ -204,18 +203,6 @@ def gqa_kernel(T: int, n_heads: int, n_kv: int, head_dim: int, device, args) -> 
                 ratio=r["median"], ratio_min=r["min"], ratio_max=r["max"])
 
 
-def _write(out_dir: Path, stem: str, rows: list, result: dict) -> list[str]:
-    from lmcore.utils import atomic_write
-
-    with atomic_write(out_dir / f"{stem}.csv") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    with atomic_write(out_dir / f"{stem}.json") as f:
-        json.dump(result, f, indent=1, sort_keys=True, default=str)
-    return [str(out_dir / f"{stem}.csv"), str(out_dir / f"{stem}.json")]
-
-
 def _key(row: dict) -> tuple:
     return (row["part"], row["model"], row["backend"], row["context"], row["checkpointing"])
 
@@ -260,7 +247,7 @@ def _previous(path: Path, resume: bool, settings: dict) -> tuple[list, list, lis
 
 def main(argv: list[str]) -> dict:
     args = _args(argv)
-    from lmcore.bench import gpu_slug, provenance
+    from lmcore.bench import gpu_slug, provenance, write_results
 
     parts = args.parts.split(",")
     if not parts or any(p not in PARTS for p in parts):
@@ -307,7 +294,8 @@ def main(argv: list[str]) -> dict:
         for r in new:
             print(json.dumps(r, default=str), flush=True)
         if path:  # after every finished case, so a run stopped early keeps what it measured
-            files = _write(path.parent, stem, rows, _summary(rows, expected, runs, settings))
+            files = write_results(path.parent, stem, FIELDS, rows,
+                                  _summary(rows, expected, runs, settings))
 
     if "train" in parts:
         for backend in backends:

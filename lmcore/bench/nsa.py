@@ -27,7 +27,6 @@ at toy size through the PyTorch path on a CPU.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import time
@@ -214,21 +213,9 @@ def _cpu_ms(fn) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
-def _write(out_dir: Path, stem: str, rows: list, result: dict) -> list[str]:
-    from lmcore.utils import atomic_write
-
-    with atomic_write(out_dir / f"{stem}.csv") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    with atomic_write(out_dir / f"{stem}.json") as f:
-        json.dump(result, f, indent=1, sort_keys=True, default=str)
-    return [str(out_dir / f"{stem}.csv"), str(out_dir / f"{stem}.json")]
-
-
 def main(argv: list[str]) -> dict:
     args = _args(argv)
-    from lmcore.bench import gpu_slug, provenance
+    from lmcore.bench import gpu_slug, provenance, write_results
 
     cuda = torch.cuda.is_available() and not args.quick
     if not cuda and not args.quick:
@@ -286,5 +273,5 @@ def main(argv: list[str]) -> dict:
                                    "nsa": "paper sizes: cmp_block 32, stride 16, sel_block 64, top 16, window 512",
                                    "nsa_cs": "fla sizes: cmp = sel block 64, top 16, no window"}}
             if write:  # after every length, so a stopped run keeps what it measured
-                result["files"] = _write(out_dir, stem, kept + rows, result)
+                result["files"] = write_results(out_dir, stem, FIELDS, kept + rows, result)
     return result

@@ -65,6 +65,32 @@ if triton is not None:
         return ok
 
     @triton.jit
+    def _key_span(t0, tq, q_off, n_keys, BT: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr,
+                  KO: tl.constexpr, WINDOW: tl.constexpr, N_SEL: tl.constexpr):
+        """(first key, number of BK-key tiles) a tile of BT tokens visits: its N_SEL selected blocks
+        (one token), or the key range any of its rows can see."""
+        lo = 0
+        if N_SEL > 0:
+            n_iter = N_SEL
+        else:
+            q_hi = q_off + tl.minimum(t0 + BT, tq) - 1
+            if WINDOW > 0:
+                lo = tl.maximum(0, (q_off + t0 - WINDOW + 1 - KO) // KS) // BK * BK
+            hi = tl.minimum(n_keys, tl.maximum(0, (q_hi - KO) // KS + 1))
+            n_iter = tl.cdiv(tl.maximum(hi - lo, 0), BK)
+        return lo, n_iter
+
+    @triton.jit
+    def _tile_keys(IDX, bkv, tq, t0, it, lo, BK: tl.constexpr, N_SEL: tl.constexpr):
+        """Key indices (BK,) of the ``it``-th tile: a selected block of token t0, or the next range tile."""
+        if N_SEL > 0:
+            blk = tl.load(IDX + (bkv.to(tl.int64) * tq + t0) * N_SEL + it)
+            kidx = blk * BK + tl.arange(0, BK)
+        else:
+            kidx = lo + it * BK + tl.arange(0, BK)
+        return kidx
+
+    @triton.jit
     def _fwd_kernel(Q, K, V, O, L, IDX, n_q_heads, n_kv_heads, tq, n_keys, q_off, head_dim,
                     QK_SCALE: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
                     HEAD_DIM: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, WINDOW: tl.constexpr,
@@ -80,21 +106,9 @@ if triton is not None:
         m_i = tl.full([BT * BG], float("-inf"), tl.float32)
         l_i = tl.zeros([BT * BG], tl.float32)
         acc = tl.zeros([BT * BG, HEAD_DIM], tl.float32)
-        if N_SEL > 0:  # selected blocks of the single token t0
-            n_iter = N_SEL
-        else:  # key range seen by any row of the tile
-            q_hi = q_off + tl.minimum(t0 + BT, tq) - 1
-            lo = 0
-            if WINDOW > 0:
-                lo = tl.maximum(0, (q_off + t0 - WINDOW + 1 - KO) // KS) // BK * BK
-            hi = tl.minimum(n_keys, tl.maximum(0, (q_hi - KO) // KS + 1))
-            n_iter = tl.cdiv(tl.maximum(hi - lo, 0), BK)
+        lo, n_iter = _key_span(t0, tq, q_off, n_keys, BT, BK, KS, KO, WINDOW, N_SEL)
         for it in range(n_iter):
-            if N_SEL > 0:
-                blk = tl.load(IDX + (bkv.to(tl.int64) * tq + t0) * N_SEL + it)
-                kidx = blk * BK + tl.arange(0, BK)
-            else:
-                kidx = lo + it * BK + tl.arange(0, BK)
+            kidx = _tile_keys(IDX, bkv, tq, t0, it, lo, BK, N_SEL)
             k, v = _key_tile(K, V, kv_base, kidx, n_keys, head_dim, offs_d)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * QK_SCALE  # (R, BK), log2 units
             s = tl.where(_visible(qpos, kidx, n_keys, KS, KO, WINDOW), s, float("-inf"))
@@ -128,21 +142,9 @@ if triton is not None:
         delta = tl.load(Delta + base // head_dim, mask=ok, other=0.0)
         kv_base = bkv.to(tl.int64) * n_keys * head_dim
         dq = tl.zeros([BT * BG, HEAD_DIM], tl.float32)
-        if N_SEL > 0:
-            n_iter = N_SEL
-        else:
-            q_hi = q_off + tl.minimum(t0 + BT, tq) - 1
-            lo = 0
-            if WINDOW > 0:
-                lo = tl.maximum(0, (q_off + t0 - WINDOW + 1 - KO) // KS) // BK * BK
-            hi = tl.minimum(n_keys, tl.maximum(0, (q_hi - KO) // KS + 1))
-            n_iter = tl.cdiv(tl.maximum(hi - lo, 0), BK)
+        lo, n_iter = _key_span(t0, tq, q_off, n_keys, BT, BK, KS, KO, WINDOW, N_SEL)
         for it in range(n_iter):
-            if N_SEL > 0:
-                blk = tl.load(IDX + (bkv.to(tl.int64) * tq + t0) * N_SEL + it)
-                kidx = blk * BK + tl.arange(0, BK)
-            else:
-                kidx = lo + it * BK + tl.arange(0, BK)
+            kidx = _tile_keys(IDX, bkv, tq, t0, it, lo, BK, N_SEL)
             k, v = _key_tile(K, V, kv_base, kidx, n_keys, head_dim, offs_d)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * QK_SCALE
             p = tl.where(_visible(qpos, kidx, n_keys, KS, KO, WINDOW), tl.exp2(s - lse2[:, None]), 0.0)

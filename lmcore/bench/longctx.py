@@ -210,7 +210,7 @@ def _key(row: dict) -> tuple:
 def _expected(contexts, backends, pythia_context: int, gqa_model: str, gqa_impl: str) -> list[tuple]:
     """Every case of a complete run, as row keys, in the order the benchmark measures them."""
     train = [("train", "qwen3-0.6b", b, T, ck) for b in backends for T in contexts for ck in (False, True)]
-    pythia = [("pythia", "pythia-160m (lmcore)", backends[0], pythia_context, False),
+    pythia = [("pythia", "pythia-160m (lmcore)", "sdpa", pythia_context, False),
               ("pythia", "pythia-160m (transformers)", "sdpa", pythia_context, False)]
     return train + pythia + [("gqa", gqa_model, gqa_impl, T, False) for T in contexts]
 

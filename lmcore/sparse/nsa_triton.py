@@ -66,12 +66,12 @@ if triton is not None:
 
     @triton.jit
     def _key_span(t0, tq, q_off, n_keys, BT: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr,
-                  KO: tl.constexpr, WINDOW: tl.constexpr, N_SEL: tl.constexpr):
-        """(first key, number of BK-key tiles) a tile of BT tokens visits: its N_SEL selected blocks
-        (one token), or the key range any of its rows can see."""
+                  KO: tl.constexpr, WINDOW: tl.constexpr, N_SEL: tl.constexpr, SPT: tl.constexpr):
+        """(first key, number of key tiles) a tile of BT tokens visits: its N_SEL selected blocks, SPT
+        at a time (one token), or the BK-key tiles of the range any of its rows can see."""
         lo = 0
         if N_SEL > 0:
-            n_iter = N_SEL
+            n_iter = tl.cdiv(N_SEL, SPT)
         else:
             q_hi = q_off + tl.minimum(t0 + BT, tq) - 1
             if WINDOW > 0:
@@ -81,11 +81,14 @@ if triton is not None:
         return lo, n_iter
 
     @triton.jit
-    def _tile_keys(IDX, bkv, tq, t0, it, lo, BK: tl.constexpr, N_SEL: tl.constexpr):
-        """Key indices (BK,) of the ``it``-th tile: a selected block of token t0, or the next range tile."""
+    def _tile_keys(IDX, bkv, tq, t0, it, lo, BK: tl.constexpr, N_SEL: tl.constexpr, SPT: tl.constexpr):
+        """Key indices of the ``it``-th tile: SPT selected blocks of BK keys of token t0 (SPT * BK keys,
+        -1 blocks give negative indices, which every mask drops), or the next BK keys of the range."""
         if N_SEL > 0:
-            blk = tl.load(IDX + (bkv.to(tl.int64) * tq + t0) * N_SEL + it)
-            kidx = blk * BK + tl.arange(0, BK)
+            r = tl.arange(0, SPT * BK)
+            j = it * SPT + r // BK  # which of the token's selected blocks
+            blk = tl.load(IDX + (bkv.to(tl.int64) * tq + t0) * N_SEL + j, mask=j < N_SEL, other=-1)
+            kidx = blk * BK + r % BK
         else:
             kidx = lo + it * BK + tl.arange(0, BK)
         return kidx
@@ -94,7 +97,7 @@ if triton is not None:
     def _fwd_kernel(Q, K, V, O, L, IDX, n_q_heads, n_kv_heads, tq, n_keys, q_off, head_dim,
                     QK_SCALE: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
                     HEAD_DIM: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, WINDOW: tl.constexpr,
-                    N_SEL: tl.constexpr, PREC: tl.constexpr):
+                    N_SEL: tl.constexpr, SPT: tl.constexpr, PREC: tl.constexpr):
         """O, LSE of one (BT tokens x G heads) tile over a key range (N_SEL == 0) or its selected blocks."""
         t0 = tl.program_id(0) * BT
         bkv = tl.program_id(1)
@@ -106,9 +109,9 @@ if triton is not None:
         m_i = tl.full([BT * BG], float("-inf"), tl.float32)
         l_i = tl.zeros([BT * BG], tl.float32)
         acc = tl.zeros([BT * BG, HEAD_DIM], tl.float32)
-        lo, n_iter = _key_span(t0, tq, q_off, n_keys, BT, BK, KS, KO, WINDOW, N_SEL)
+        lo, n_iter = _key_span(t0, tq, q_off, n_keys, BT, BK, KS, KO, WINDOW, N_SEL, SPT)
         for it in range(n_iter):
-            kidx = _tile_keys(IDX, bkv, tq, t0, it, lo, BK, N_SEL)
+            kidx = _tile_keys(IDX, bkv, tq, t0, it, lo, BK, N_SEL, SPT)
             k, v = _key_tile(K, V, kv_base, kidx, n_keys, head_dim, offs_d)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * QK_SCALE  # (R, BK), log2 units
             s = tl.where(_visible(qpos, kidx, n_keys, KS, KO, WINDOW), s, float("-inf"))
@@ -129,7 +132,7 @@ if triton is not None:
     def _dq_kernel(Q, K, V, DO, DQ, L, Delta, IDX, n_q_heads, n_kv_heads, tq, n_keys, q_off, head_dim,
                    QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
                    HEAD_DIM: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, WINDOW: tl.constexpr,
-                   N_SEL: tl.constexpr, PREC: tl.constexpr):
+                   N_SEL: tl.constexpr, SPT: tl.constexpr, PREC: tl.constexpr):
         """dQ = sum_j dS_j K_j * scale over the same keys as the forward, dS = P (dO V^T - delta)."""
         t0 = tl.program_id(0) * BT
         bkv = tl.program_id(1)
@@ -142,9 +145,9 @@ if triton is not None:
         delta = tl.load(Delta + base // head_dim, mask=ok, other=0.0)
         kv_base = bkv.to(tl.int64) * n_keys * head_dim
         dq = tl.zeros([BT * BG, HEAD_DIM], tl.float32)
-        lo, n_iter = _key_span(t0, tq, q_off, n_keys, BT, BK, KS, KO, WINDOW, N_SEL)
+        lo, n_iter = _key_span(t0, tq, q_off, n_keys, BT, BK, KS, KO, WINDOW, N_SEL, SPT)
         for it in range(n_iter):
-            kidx = _tile_keys(IDX, bkv, tq, t0, it, lo, BK, N_SEL)
+            kidx = _tile_keys(IDX, bkv, tq, t0, it, lo, BK, N_SEL, SPT)
             k, v = _key_tile(K, V, kv_base, kidx, n_keys, head_dim, offs_d)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * QK_SCALE
             p = tl.where(_visible(qpos, kidx, n_keys, KS, KO, WINDOW), tl.exp2(s - lse2[:, None]), 0.0)
@@ -276,32 +279,87 @@ if triton is not None:
             x = tl.where(j == pick, float("-inf"), x)
 
 
-def _tiles(group: int, selected: bool) -> tuple[int, int]:
-    """(BT tokens, BG padded heads) per program: about 64 rows, at least 16 for tl.dot."""
+    @triton.jit
+    def _mix_rows(n_rows, head_dim, BR: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """Element offsets, mask, gate offsets and row validity of BR rows of a (rows, D) tensor."""
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        cols = tl.arange(0, HEAD_DIM)
+        ok = rows < n_rows
+        at = rows.to(tl.int64)[:, None] * head_dim + cols[None, :]
+        return at, ok[:, None] & (cols[None, :] < head_dim), rows.to(tl.int64) * 3, ok
+
+    @triton.jit
+    def _mix_fwd_kernel(O1, O2, O3, GATE, OUT, n_rows, head_dim, BR: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """out = g0 o1 + g1 o2 + g2 o3 over (rows, D) branch outputs and (rows, 3) gates, in float32."""
+        at, m, gat, ok = _mix_rows(n_rows, head_dim, BR, HEAD_DIM)
+        out = tl.load(GATE + gat, mask=ok, other=0.0).to(tl.float32)[:, None] * tl.load(O1 + at, mask=m, other=0.0)
+        out += tl.load(GATE + gat + 1, mask=ok, other=0.0).to(tl.float32)[:, None] * tl.load(O2 + at, mask=m, other=0.0)
+        out += tl.load(GATE + gat + 2, mask=ok, other=0.0).to(tl.float32)[:, None] * tl.load(O3 + at, mask=m, other=0.0)
+        tl.store(OUT + at, out.to(OUT.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _mix_grad(O, G, D, DG, dout, at, m, ok):
+        """One branch's share of the backward: d o = g dout, d g = rowsum(o dout)."""
+        tl.store(D + at, (tl.load(G, mask=ok, other=0.0).to(tl.float32)[:, None] * dout).to(D.dtype.element_ty), mask=m)
+        o = tl.load(O + at, mask=m, other=0.0).to(tl.float32)
+        tl.store(DG, tl.sum(o * dout, 1).to(DG.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _mix_bwd_kernel(O1, O2, O3, GATE, DOUT, D1, D2, D3, DGATE, n_rows, head_dim, BR: tl.constexpr,
+                        HEAD_DIM: tl.constexpr):
+        """Gradients of :func:`_mix_fwd_kernel`'s output with respect to the three outputs and the gates."""
+        at, m, gat, ok = _mix_rows(n_rows, head_dim, BR, HEAD_DIM)
+        dout = tl.load(DOUT + at, mask=m, other=0.0).to(tl.float32)
+        _mix_grad(O1, GATE + gat, D1, DGATE + gat, dout, at, m, ok)
+        _mix_grad(O2, GATE + gat + 1, D2, DGATE + gat + 1, dout, at, m, ok)
+        _mix_grad(O3, GATE + gat + 2, D3, DGATE + gat + 2, dout, at, m, ok)
+
+
+#: How each kernel is launched: ``rows`` (query token x head pairs) per program (a selected-block
+#: program always holds one token's heads), ``spt`` selected blocks per key tile, ``chunk`` query
+#: tokens per dK/dV program, and the compiler's warps and pipeline stages. Chosen by timing every
+#: candidate on an H200 at 65,536 tokens, 64 query heads in 4 KV groups, head dim 128, bfloat16.
+LAUNCH = {
+    "fwd": dict(rows=64, num_warps=4, num_stages=3),
+    "fwd_selected": dict(spt=1, num_warps=2, num_stages=2),
+    "dq": dict(rows=128, num_warps=8, num_stages=3),
+    "dq_selected": dict(spt=1, num_warps=2, num_stages=2),
+    "dkv": dict(rows=64, chunk=1024, num_warps=4, num_stages=2),
+    "importance": dict(rows=128, num_warps=8, num_stages=2),
+    "topn": dict(num_warps=1),
+}
+
+
+def _launch(kind: str, group: int, selected: bool = False) -> tuple[dict, dict]:
+    """(tile meta-parameters, compiler options) of one kernel for a KV group of ``group`` heads:
+    BT tokens x BG heads (the group padded to a power of two, at least 16 rows for tl.dot)."""
+    setting = dict(LAUNCH[kind + ("_selected" if selected else "")])
+    opts = {k: setting.pop(k) for k in ("num_warps", "num_stages") if k in setting}
     bg = max(1, triton.next_power_of_2(group))
     if selected:
-        return 1, max(16, bg)
-    return max(1, 64 // bg) if bg < 64 else 1, bg
+        return dict(BT=1, BG=max(16, bg), SPT=setting["spt"]), opts
+    return dict(BT=max(1, setting["rows"] // bg), BG=bg, SPT=1), opts
 
 
-def _meta(q, k, selected: bool, window: int, ks: int, ko: int):
+def _meta(q, k, window: int, ks: int, ko: int):
     bsz, hq, tq, d = q.shape
     hkv, n_keys = k.shape[1], k.shape[2]
-    bt, bg = _tiles(hq // hkv, selected)
-    return dict(G=hq // hkv, BT=bt, BG=bg, HEAD_DIM=max(16, triton.next_power_of_2(d)), KS=ks, KO=ko,
-                WINDOW=window, PREC=precision(q.dtype)), (bsz, hq, hkv, tq, n_keys, d)
+    return dict(G=hq // hkv, HEAD_DIM=max(16, triton.next_power_of_2(d)), KS=ks, KO=ko, WINDOW=window,
+                PREC=precision(q.dtype)), (bsz, hq, hkv, tq, n_keys, d)
 
 
 def attn_forward(q, k, v, scale: float, q_off: int, block: int, idx=None, window: int = 0, ks: int = 1,
                  ko: int = 0):
     """(O, LSE) of group-shared attention: over selected blocks (``idx`` (B*Hkv, Tq, n) of block
     numbers of size ``block``) or over the key range ``pos_i = i*ks + ko <= t`` (within ``window``)."""
-    meta, (bsz, hq, hkv, tq, n_keys, d) = _meta(q, k, idx is not None, window, ks, ko)
+    meta, (bsz, hq, hkv, tq, n_keys, d) = _meta(q, k, window, ks, ko)
+    tiles, opts = _launch("fwd", hq // hkv, idx is not None)
     o = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(tq, meta["BT"]), bsz * hkv)
+    grid = (triton.cdiv(tq, tiles["BT"]), bsz * hkv)
     _fwd_kernel[grid](q, k, v, o, lse, idx if idx is not None else q, hq, hkv, tq, n_keys, q_off, d,
-                      QK_SCALE=scale * LOG2E, BK=block, N_SEL=idx.shape[-1] if idx is not None else 0, **meta)
+                      QK_SCALE=scale * LOG2E, BK=block, N_SEL=idx.shape[-1] if idx is not None else 0,
+                      **tiles, **meta, **opts)
     return o, lse
 
 
@@ -318,20 +376,22 @@ def reverse_index(idx: torch.Tensor, n_blocks: int):
 
 
 def attn_backward(q, k, v, o, lse, do, scale: float, q_off: int, block: int, idx=None, window: int = 0,
-                  ks: int = 1, ko: int = 0, chunk: int = 512):
+                  ks: int = 1, ko: int = 0):
     """(dQ, dK, dV) of :func:`attn_forward`."""
     selected = idx is not None
-    meta, (bsz, hq, hkv, tq, n_keys, d) = _meta(q, k, selected, window, ks, ko)
+    meta, (bsz, hq, hkv, tq, n_keys, d) = _meta(q, k, window, ks, ko)
     do = do.contiguous()
     delta = rowsum_delta(o, do)  # (B, Hq, Tq)
     dq = torch.empty_like(q)
     n_sel = idx.shape[-1] if selected else 0
-    _dq_kernel[(triton.cdiv(tq, meta["BT"]), bsz * hkv)](
+    tiles, opts = _launch("dq", hq // hkv, selected)
+    _dq_kernel[(triton.cdiv(tq, tiles["BT"]), bsz * hkv)](
         q, k, v, do, dq, lse, delta, idx if selected else q, hq, hkv, tq, n_keys, q_off, d,
-        QK_SCALE=scale * LOG2E, SM_SCALE=scale, BK=block, N_SEL=n_sel, **meta)
+        QK_SCALE=scale * LOG2E, SM_SCALE=scale, BK=block, N_SEL=n_sel, **tiles, **meta, **opts)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     n_tiles = triton.cdiv(n_keys, block)
+    chunk = LAUNCH["dkv"]["chunk"]
     if selected:
         rev, offs = reverse_index(idx, n_tiles)
         n_chunks = triton.cdiv(tq, chunk)
@@ -339,10 +399,12 @@ def attn_backward(q, k, v, o, lse, do, scale: float, q_off: int, block: int, idx
         rev = offs = q
         reach = (block * ks + window) if window else tq  # tokens that can see one tile
         n_chunks = triton.cdiv(min(tq, reach), chunk)
-    bt, bg = _tiles(hq // hkv, False)
+    tiles, opts = _launch("dkv", hq // hkv)
+    tiles.pop("SPT")
     _dkv_kernel[(n_tiles, n_chunks, bsz * hkv)](
-        q, k, v, do, dk, dv, lse, delta, rev, offs, hq, hkv, tq, n_keys, q_off, d,
-        n_tiles, chunk, rev.shape[-1] if selected else 0, QK_SCALE=scale * LOG2E, SM_SCALE=scale, BK=block, SELECTED=selected, **dict(meta, BT=bt, BG=bg))
+        q, k, v, do, dk, dv, lse, delta, rev, offs, hq, hkv, tq, n_keys, q_off, d, n_tiles, chunk,
+        rev.shape[-1] if selected else 0, QK_SCALE=scale * LOG2E, SM_SCALE=scale, BK=block, SELECTED=selected,
+        **tiles, **meta, **opts)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -355,13 +417,13 @@ def block_scores(q, k_cmp, lse_cmp, n_keys: int, cfg, scale: float) -> torch.Ten
     if r & (r - 1):
         raise ValueError(f"sel_block / cmp_stride = {r}: the Triton path needs a power of two")
     out = torch.empty((bsz * hkv, tq, n_blocks), device=q.device, dtype=torch.float32)
-    bg = max(1, triton.next_power_of_2(hq // hkv))
-    bt = max(1, 64 // bg)
-    nb = max(1, 64 // r)
-    _importance_kernel[(triton.cdiv(tq, bt), bsz * hkv)](
+    tiles, opts = _launch("importance", hq // hkv)
+    tiles.pop("SPT")
+    _importance_kernel[(triton.cdiv(tq, tiles["BT"]), bsz * hkv)](
         q, k_cmp.contiguous(), lse_cmp, out, hq, hkv, tq, n_cmp, n_blocks, n_keys - tq, d,
         QK_SCALE=scale * LOG2E, cmp_len=cfg.cmp_block, cmp_stride=cfg.cmp_stride, sel_len=cfg.sel_block,
-        G=hq // hkv, BT=bt, BG=bg, NB=nb, R=r, HEAD_DIM=max(16, triton.next_power_of_2(d)), PREC=precision(q.dtype))
+        G=hq // hkv, NB=max(1, 64 // r), R=r, HEAD_DIM=max(16, triton.next_power_of_2(d)), PREC=precision(q.dtype),
+        **tiles, **opts)
     return out
 
 
@@ -370,7 +432,7 @@ def top_blocks(scores: torch.Tensor, n_keys: int, cfg) -> torch.Tensor:
     bkv, tq, n_blocks = scores.shape
     idx = torch.empty((bkv, tq, cfg.top_n), device=scores.device, dtype=torch.int32)
     _topn_kernel[(tq, bkv)](scores, idx, tq, n_blocks, n_keys - tq, cfg.sel_block, N_SEL=cfg.top_n,
-                            N_LOCAL=cfg.n_local, NBP=triton.next_power_of_2(n_blocks))
+                            N_LOCAL=cfg.n_local, NBP=triton.next_power_of_2(n_blocks), **LAUNCH["topn"])
     return idx
 
 
@@ -391,6 +453,37 @@ class _GroupAttention(torch.autograd.Function):
         scale, q_off, block, window, ks, ko = ctx.args
         dq, dk, dv = attn_backward(q, k, v, o, lse, do, scale, q_off, block, idx, window, ks, ko)
         return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _mix_launch(o1, head_dim: int) -> tuple[int, dict]:
+    n_rows = o1.numel() // head_dim
+    br = max(1, 4096 // triton.next_power_of_2(head_dim))
+    return n_rows, dict(BR=br, HEAD_DIM=max(16, triton.next_power_of_2(head_dim)), grid=(triton.cdiv(n_rows, br),))
+
+
+class _GatedSum(torch.autograd.Function):
+    """``g0 o_cmp + g1 o_sel + g2 o_win`` with gates (B, Hq, T, 3), in one pass each way."""
+
+    @staticmethod
+    def forward(ctx, o1, o2, o3, gates):
+        o1, o2, o3, gates = o1.contiguous(), o2.contiguous(), o3.contiguous(), gates.contiguous()
+        out = torch.empty_like(o1)
+        n_rows, meta = _mix_launch(o1, o1.shape[-1])
+        grid = meta.pop("grid")
+        _mix_fwd_kernel[grid](o1, o2, o3, gates, out, n_rows, o1.shape[-1], **meta)
+        ctx.save_for_backward(o1, o2, o3, gates)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        o1, o2, o3, gates = ctx.saved_tensors
+        dout = dout.contiguous()
+        d1, d2, d3 = torch.empty_like(o1), torch.empty_like(o2), torch.empty_like(o3)
+        dgates = torch.empty_like(gates)
+        n_rows, meta = _mix_launch(o1, o1.shape[-1])
+        grid = meta.pop("grid")
+        _mix_bwd_kernel[grid](o1, o2, o3, gates, dout, d1, d2, d3, dgates, n_rows, o1.shape[-1], **meta)
+        return d1, d2, d3, dgates
 
 
 def nsa_triton(q, k, v, k_cmp, v_cmp, cfg, scale: float, gates=None, return_parts: bool = False):
@@ -414,7 +507,7 @@ def nsa_triton(q, k, v, k_cmp, v_cmp, cfg, scale: float, gates=None, return_part
         idx = top_blocks(scores, tk, cfg)
     o_sel, _ = _GroupAttention.apply(q, k, v, scale, q_off, cfg.sel_block, idx, 0, 1, 0)
     o_win = _GroupAttention.apply(q, k, v, scale, q_off, 64, None, cfg.window, 1, 0)[0] if cfg.window else 0 * o_sel
-    out = _mix(o_cmp, o_sel, o_win, gates)
+    out = _mix(o_cmp, o_sel, o_win, None) if gates is None else _GatedSum.apply(o_cmp, o_sel, o_win, gates)
     if return_parts:
         bsz, hkv = k.shape[:2]
         return out, dict(o_cmp=o_cmp, o_sel=o_sel, o_win=o_win, idx=idx.view(bsz, hkv, tq, -1))

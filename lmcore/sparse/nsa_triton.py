@@ -23,6 +23,7 @@ Importance: per token tile, ``P = exp(S - LSE)`` of the compressed attention sum
 group's heads, then given to the selection blocks each compressed token overlaps, in proportion
 to the overlap. Top-n: per token, ``n`` rounds of "largest score, lowest block on ties", with
 the first block and the ``n_local`` most recent blocks forced in and future blocks excluded.
+Gated sum: ``g0 o_cmp + g1 o_sel + g2 o_win`` and its gradients, one pass over the rows each way.
 """
 
 from __future__ import annotations
@@ -66,12 +67,12 @@ if triton is not None:
 
     @triton.jit
     def _key_span(t0, tq, q_off, n_keys, BT: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr,
-                  KO: tl.constexpr, WINDOW: tl.constexpr, N_SEL: tl.constexpr, SPT: tl.constexpr):
-        """(first key, number of key tiles) a tile of BT tokens visits: its N_SEL selected blocks, SPT
-        at a time (one token), or the BK-key tiles of the range any of its rows can see."""
+                  KO: tl.constexpr, WINDOW: tl.constexpr, N_SEL: tl.constexpr):
+        """(first key, number of BK-key tiles) a tile of BT tokens visits: its N_SEL selected blocks
+        (one token), or the key range any of its rows can see."""
         lo = 0
         if N_SEL > 0:
-            n_iter = tl.cdiv(N_SEL, SPT)
+            n_iter = N_SEL
         else:
             q_hi = q_off + tl.minimum(t0 + BT, tq) - 1
             if WINDOW > 0:
@@ -81,14 +82,11 @@ if triton is not None:
         return lo, n_iter
 
     @triton.jit
-    def _tile_keys(IDX, bkv, tq, t0, it, lo, BK: tl.constexpr, N_SEL: tl.constexpr, SPT: tl.constexpr):
-        """Key indices of the ``it``-th tile: SPT selected blocks of BK keys of token t0 (SPT * BK keys,
-        -1 blocks give negative indices, which every mask drops), or the next BK keys of the range."""
+    def _tile_keys(IDX, bkv, tq, t0, it, lo, BK: tl.constexpr, N_SEL: tl.constexpr):
+        """Key indices (BK,) of the ``it``-th tile: a selected block of token t0, or the next range tile."""
         if N_SEL > 0:
-            r = tl.arange(0, SPT * BK)
-            j = it * SPT + r // BK  # which of the token's selected blocks
-            blk = tl.load(IDX + (bkv.to(tl.int64) * tq + t0) * N_SEL + j, mask=j < N_SEL, other=-1)
-            kidx = blk * BK + r % BK
+            blk = tl.load(IDX + (bkv.to(tl.int64) * tq + t0) * N_SEL + it)
+            kidx = blk * BK + tl.arange(0, BK)
         else:
             kidx = lo + it * BK + tl.arange(0, BK)
         return kidx
@@ -97,7 +95,7 @@ if triton is not None:
     def _fwd_kernel(Q, K, V, O, L, IDX, n_q_heads, n_kv_heads, tq, n_keys, q_off, head_dim,
                     QK_SCALE: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
                     HEAD_DIM: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, WINDOW: tl.constexpr,
-                    N_SEL: tl.constexpr, SPT: tl.constexpr, PREC: tl.constexpr):
+                    N_SEL: tl.constexpr, PREC: tl.constexpr):
         """O, LSE of one (BT tokens x G heads) tile over a key range (N_SEL == 0) or its selected blocks."""
         t0 = tl.program_id(0) * BT
         bkv = tl.program_id(1)
@@ -109,9 +107,9 @@ if triton is not None:
         m_i = tl.full([BT * BG], float("-inf"), tl.float32)
         l_i = tl.zeros([BT * BG], tl.float32)
         acc = tl.zeros([BT * BG, HEAD_DIM], tl.float32)
-        lo, n_iter = _key_span(t0, tq, q_off, n_keys, BT, BK, KS, KO, WINDOW, N_SEL, SPT)
+        lo, n_iter = _key_span(t0, tq, q_off, n_keys, BT, BK, KS, KO, WINDOW, N_SEL)
         for it in range(n_iter):
-            kidx = _tile_keys(IDX, bkv, tq, t0, it, lo, BK, N_SEL, SPT)
+            kidx = _tile_keys(IDX, bkv, tq, t0, it, lo, BK, N_SEL)
             k, v = _key_tile(K, V, kv_base, kidx, n_keys, head_dim, offs_d)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * QK_SCALE  # (R, BK), log2 units
             s = tl.where(_visible(qpos, kidx, n_keys, KS, KO, WINDOW), s, float("-inf"))
@@ -132,7 +130,7 @@ if triton is not None:
     def _dq_kernel(Q, K, V, DO, DQ, L, Delta, IDX, n_q_heads, n_kv_heads, tq, n_keys, q_off, head_dim,
                    QK_SCALE: tl.constexpr, SM_SCALE: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
                    HEAD_DIM: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, WINDOW: tl.constexpr,
-                   N_SEL: tl.constexpr, SPT: tl.constexpr, PREC: tl.constexpr):
+                   N_SEL: tl.constexpr, PREC: tl.constexpr):
         """dQ = sum_j dS_j K_j * scale over the same keys as the forward, dS = P (dO V^T - delta)."""
         t0 = tl.program_id(0) * BT
         bkv = tl.program_id(1)
@@ -145,9 +143,9 @@ if triton is not None:
         delta = tl.load(Delta + base // head_dim, mask=ok, other=0.0)
         kv_base = bkv.to(tl.int64) * n_keys * head_dim
         dq = tl.zeros([BT * BG, HEAD_DIM], tl.float32)
-        lo, n_iter = _key_span(t0, tq, q_off, n_keys, BT, BK, KS, KO, WINDOW, N_SEL, SPT)
+        lo, n_iter = _key_span(t0, tq, q_off, n_keys, BT, BK, KS, KO, WINDOW, N_SEL)
         for it in range(n_iter):
-            kidx = _tile_keys(IDX, bkv, tq, t0, it, lo, BK, N_SEL, SPT)
+            kidx = _tile_keys(IDX, bkv, tq, t0, it, lo, BK, N_SEL)
             k, v = _key_tile(K, V, kv_base, kidx, n_keys, head_dim, offs_d)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * QK_SCALE
             p = tl.where(_visible(qpos, kidx, n_keys, KS, KO, WINDOW), tl.exp2(s - lse2[:, None]), 0.0)
@@ -316,14 +314,14 @@ if triton is not None:
 
 
 #: How each kernel is launched: ``rows`` (query token x head pairs) per program (a selected-block
-#: program always holds one token's heads), ``spt`` selected blocks per key tile, ``chunk`` query
-#: tokens per dK/dV program, and the compiler's warps and pipeline stages. Chosen by timing every
+#: program always holds one token's heads), ``chunk`` query tokens per dK/dV program, and the
+#: compiler's warps and pipeline stages. Chosen by timing every
 #: candidate on an H200 at 65,536 tokens, 64 query heads in 4 KV groups, head dim 128, bfloat16.
 LAUNCH = {
     "fwd": dict(rows=64, num_warps=4, num_stages=3),
-    "fwd_selected": dict(spt=1, num_warps=2, num_stages=2),
+    "fwd_selected": dict(num_warps=2, num_stages=2),
     "dq": dict(rows=128, num_warps=8, num_stages=3),
-    "dq_selected": dict(spt=1, num_warps=2, num_stages=2),
+    "dq_selected": dict(num_warps=2, num_stages=2),
     "dkv": dict(rows=64, chunk=1024, num_warps=4, num_stages=2),
     "importance": dict(rows=128, num_warps=8, num_stages=2),
     "topn": dict(num_warps=1),
@@ -337,8 +335,8 @@ def _launch(kind: str, group: int, selected: bool = False) -> tuple[dict, dict]:
     opts = {k: setting.pop(k) for k in ("num_warps", "num_stages") if k in setting}
     bg = max(1, triton.next_power_of_2(group))
     if selected:
-        return dict(BT=1, BG=max(16, bg), SPT=setting["spt"]), opts
-    return dict(BT=max(1, setting["rows"] // bg), BG=bg, SPT=1), opts
+        return dict(BT=1, BG=max(16, bg)), opts
+    return dict(BT=max(1, setting["rows"] // bg), BG=bg), opts
 
 
 def _meta(q, k, window: int, ks: int, ko: int):
@@ -400,7 +398,6 @@ def attn_backward(q, k, v, o, lse, do, scale: float, q_off: int, block: int, idx
         reach = (block * ks + window) if window else tq  # tokens that can see one tile
         n_chunks = triton.cdiv(min(tq, reach), chunk)
     tiles, opts = _launch("dkv", hq // hkv)
-    tiles.pop("SPT")
     _dkv_kernel[(n_tiles, n_chunks, bsz * hkv)](
         q, k, v, do, dk, dv, lse, delta, rev, offs, hq, hkv, tq, n_keys, q_off, d, n_tiles, chunk,
         rev.shape[-1] if selected else 0, QK_SCALE=scale * LOG2E, SM_SCALE=scale, BK=block, SELECTED=selected,
@@ -418,7 +415,6 @@ def block_scores(q, k_cmp, lse_cmp, n_keys: int, cfg, scale: float) -> torch.Ten
         raise ValueError(f"sel_block / cmp_stride = {r}: the Triton path needs a power of two")
     out = torch.empty((bsz * hkv, tq, n_blocks), device=q.device, dtype=torch.float32)
     tiles, opts = _launch("importance", hq // hkv)
-    tiles.pop("SPT")
     _importance_kernel[(triton.cdiv(tq, tiles["BT"]), bsz * hkv)](
         q, k_cmp.contiguous(), lse_cmp, out, hq, hkv, tq, n_cmp, n_blocks, n_keys - tq, d,
         QK_SCALE=scale * LOG2E, cmp_len=cfg.cmp_block, cmp_stride=cfg.cmp_stride, sel_len=cfg.sel_block,

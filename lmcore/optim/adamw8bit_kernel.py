@@ -117,8 +117,8 @@ def adamw8bit_kernel(table, chunks, n, like_p, like_g, like_q, like_s, m_code, m
     vq_ptr = address(table, 4 * n + i, like_q, ALIGNED)
     vs_ptr = address(table, 5 * n + i, like_s, False)
     if (first + ROWS) * BLOCK <= numel:  # whole blocks only: no masks, vector loads
-        adamw8bit_update(p_ptr, g_ptr, mq_ptr, ms_ptr, vq_ptr, vs_ptr, rows, numel, m_code, m_ext, v_code, v_ext,
-                         decay, w1, beta2, w2, neg_step, bias2_sqrt, eps, BLOCK, False)
+        adamw8bit_update(p_ptr, g_ptr, mq_ptr, ms_ptr, vq_ptr, vs_ptr, rows, numel, m_code, m_ext, v_code,
+                         v_ext, decay, w1, beta2, w2, neg_step, bias2_sqrt, eps, BLOCK, False)
     else:
-        adamw8bit_update(p_ptr, g_ptr, mq_ptr, ms_ptr, vq_ptr, vs_ptr, rows, numel, m_code, m_ext, v_code, v_ext,
-                         decay, w1, beta2, w2, neg_step, bias2_sqrt, eps, BLOCK, True)
+        adamw8bit_update(p_ptr, g_ptr, mq_ptr, ms_ptr, vq_ptr, vs_ptr, rows, numel, m_code, m_ext, v_code,
+                         v_ext, decay, w1, beta2, w2, neg_step, bias2_sqrt, eps, BLOCK, True)

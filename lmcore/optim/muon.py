@@ -163,12 +163,12 @@ class Muon(KeepsStateDtypes, torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
             state["step"] += 1
+            m, v = state["exp_avg"], state["exp_avg_sq"]
             if self._fuse(p, state):
-                by_step.setdefault((state["step"], p.dtype, p.device), []).append([p, p.grad, state["exp_avg"],
-                                                                                   state["exp_avg_sq"]])
+                by_step.setdefault((state["step"], p.dtype, p.device), []).append([p, p.grad, m, v])
             else:
-                adamw_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=lr, beta1=beta1,
-                       beta2=beta2, eps=eps, weight_decay=wd)
+                adamw_(p, p.grad, m, v, step=state["step"], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       weight_decay=wd)
         for (t, _, _), operands in by_step.items():  # one launch of AdamW's multi-tensor kernel each
             from lmcore.train.multi_tensor import AddressTable  # here: lmcore.train imports lmcore.optim
             from lmcore.train.optim import BLOCK, _adamw_multi_tensor_

@@ -29,7 +29,8 @@ def set_grads(ps, step):
 def test_a_matrix_and_its_transpose_iterate_as_one_batch(monkeypatch):
     stacks = []
     real = muon.orthogonalize_
-    monkeypatch.setattr(muon, "orthogonalize_", lambda X, steps: stacks.append(tuple(X.shape)) or real(X, steps))
+    monkeypatch.setattr(muon, "orthogonalize_",
+                        lambda X, steps: stacks.append(tuple(X.shape)) or real(X, steps))
     ps = params()
     opt = Muon([{"params": ps[:5], "use_muon": True}, {"params": ps[5:], "use_muon": False}], lr=0.02)
     set_grads(ps, 0)

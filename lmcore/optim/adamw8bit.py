@@ -15,9 +15,9 @@ state of AdamW. Parameters with fewer than ``min_8bit_size`` values or fewer tha
 handful of values gains nothing. Only the storage is quantized; the arithmetic is float32.
 
 On CUDA one Triton kernel does all of it per block (dequantize, update, find the block's new
-scale, quantize by binary search in the code book), for all 8-bit parameters of a group in one
-launch, and AdamW's kernel takes the float32-moment ones in one more; elsewhere the same steps run
-as torch ops.
+scale, quantize by the code book's closed form: :mod:`lmcore.optim.adamw8bit_kernel`), for all
+8-bit parameters of a group in one launch, and AdamW's kernel takes the float32-moment ones in one
+more; elsewhere the same steps run as torch ops.
 """
 
 from __future__ import annotations
@@ -106,13 +106,7 @@ class AdamW8bit(KeepsStateDtypes, torch.optim.Optimizer):
         if "exp_avg" in state and not all(x.dtype == p.dtype and x.is_contiguous()
                                           for x in (p.grad, state["exp_avg"], state["exp_avg_sq"])):
             return False  # float32 moments go through AdamW's kernel, which needs one dtype
-        if self.fused is None:
-            from lmcore.train.optim import triton_available  # imported here: lmcore.train imports lmcore.optim
-
-            return p.is_cuda and triton_available()
-        from lmcore.kernels.common import interpreting  # imported here: it defines Triton kernels
-
-        return p.is_cuda or interpreting()
+        return p.is_cuda and _triton_available() if self.fused is None else p.is_cuda or _interpreting()
 
     def _step_torch(self, p, state, t, lr, beta1, beta2, eps, wd) -> None:
         m = self.m_format.dequantize(state["exp_avg_q"], state["exp_avg_scale"], p.shape)
@@ -132,11 +126,12 @@ class AdamW8bit(KeepsStateDtypes, torch.optim.Optimizer):
         keys = ("exp_avg_q", "exp_avg_scale", "exp_avg_sq_q", "exp_avg_sq_scale") if quantized else \
             ("exp_avg", "exp_avg_sq")
         operands = [[p, p.grad, *(self.state[p][k] for k in keys)] for p in params]
+        rows = max(1, ROWS_OF_BLOCKS // self.block)  # quantization blocks per program
         key = (quantized, *map(id, params))
         if key not in self._tables:
             if len(self._tables) >= 16:  # the parameter sets come and go: keep the cache bounded
                 self._tables.clear()
-            self._tables[key] = AddressTable(self.block if quantized else BLOCK)
+            self._tables[key] = AddressTable(rows * self.block if quantized else BLOCK)
         if not quantized:
             _adamw_multi_tensor_(self._tables[key], operands, *scalars)
             return
@@ -147,17 +142,35 @@ class AdamW8bit(KeepsStateDtypes, torch.optim.Optimizer):
         if p.device not in self._codes:  # copied to the device once, not each step
             self._codes[p.device] = (*_search_table(self.m_format.code, p.device),
                                      *_search_table(self.v_format.code, p.device))
-        m_code, m_mids, v_code, v_mids = self._codes[p.device]
+        m_code, m_ext, v_code, v_ext = self._codes[p.device]
         _kernel()[(chunks.numel(),)](
-            table, chunks, n, p, g, mq, ms, m_code, m_mids, v_code, v_mids, *map(float, scalars),
-            BLOCK=self.block, SEARCH=128, ALIGNED=aligned, num_warps=4 if self.block <= 512 else 8)
+            table, chunks, n, p, g, mq, ms, m_code, m_ext, v_code, v_ext, *map(float, scalars),
+            BLOCK=self.block, ROWS=rows, ALIGNED=aligned, num_warps=8)
+
+
+#: Values per program of the fused kernel (whole quantization blocks; one block if larger).
+ROWS_OF_BLOCKS = 2048
 
 
 def _search_table(code: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The code book and its midpoints padded with +inf to 255 entries (for an 8-step binary search)."""
+    """The code book, and its midpoints with -inf before them and +inf after (257 entries): entries
+    ``c`` and ``c + 1`` are then the midpoints on either side of code ``c``, for every code."""
     mids = (code[1:] + code[:-1]) / 2
-    mids = torch.cat([mids, mids.new_full((255 - mids.numel(),), math.inf)])
-    return code.to(device), mids.to(device)
+    ext = torch.cat([mids.new_full((1,), -math.inf), mids, mids.new_full((256 - mids.numel(),), math.inf)])
+    return code.to(device), ext.to(device)
+
+
+@functools.cache
+def _triton_available() -> bool:
+    from lmcore.train.optim import triton_available  # imported here: lmcore.train imports lmcore.optim
+
+    return triton_available()
+
+
+def _interpreting() -> bool:
+    from lmcore.kernels.common import interpreting  # imported here: it defines Triton kernels
+
+    return interpreting()
 
 
 @functools.cache

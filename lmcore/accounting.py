@@ -276,13 +276,14 @@ def _block_backward_peak(c: ModelConfig, n: int, a: int, saved: list[int], block
 #: Float32 copies of one parameter alive at once inside an ``lmcore.optim`` step, counted from the code:
 #: dequantized moments and a denominator (adamw8bit), Adam's direction beside the preconditioned one
 #: (shampoo), the rotated gradient, momentum and update (soap; low-bit adds the dequantized moments).
-#: Muon holds its copies for a whole stack of same-shaped matrices (see ``_step_temporaries``).
+#: Muon holds its copies for a whole stack of matrices (see ``_step_temporaries``).
 OPTIMIZER_STEP_TEMPORARIES = {"adamw8bit": 4, "shampoo": 4, "soap": 4, "soap-lowbit": 6, "muon": 3}
 
 
 def _step_temporaries(c: ModelConfig, optimizer: str) -> int:
     """Bytes of temporaries at the optimizer step: copies of the largest matrix, or for Muon of the
-    largest stack of same-shaped hidden matrices (updates, their stack, the Newton-Schulz iterate)."""
+    largest stack of hidden matrices that iterate together, a shape with its transpose (the stack,
+    the Newton-Schulz products and the next iterate)."""
     if optimizer != "muon":
         return OPTIMIZER_STEP_TEMPORARIES.get(optimizer, 1) * 4 * c.vocab_size * c.d_model
     from lmcore.nn import TransformerLM
@@ -291,7 +292,9 @@ def _step_temporaries(c: ModelConfig, optimizer: str) -> int:
     stacks: dict[tuple, int] = {}
     for _, p, role in param_roles(TransformerLM(c, device="meta")):
         if role == "hidden":
-            stacks[tuple(p.shape)] = stacks.get(tuple(p.shape), 0) + p.numel()
+            m, n = p.shape[0], p.numel() // p.shape[0]
+            key = (min(m, n), max(m, n))  # the wide orientation, as lmcore.optim.Muon stacks them
+            stacks[key] = stacks.get(key, 0) + p.numel()
     return OPTIMIZER_STEP_TEMPORARIES["muon"] * 4 * max(stacks.values(), default=0)
 
 

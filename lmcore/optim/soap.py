@@ -196,7 +196,7 @@ class SOAP(KeepsStateDtypes, torch.optim.Optimizer):
             if q is None:
                 continue
             lq = torch.stack([s[side] for s in states]) @ q  # (k, d, d): one step of power iteration
-            order = torch.argsort((q * lq).sum(-2), dim=-1, descending=True)  # est. eigenvalues, largest first
+            order = torch.argsort((q * lq).sum(-2), dim=-1, descending=True)  # eigenvalue estimates
             index = order[:, :, None].expand(k, m, n) if dim == 1 else order[:, None, :].expand(k, m, n)
             V = V.gather(dim, index)
             lq = lq.gather(2, order[:, None, :].expand_as(lq))

@@ -112,6 +112,19 @@ def orthonormal_columns(a: torch.Tensor, method: str = "cholesky") -> torch.Tens
     return q
 
 
+def chunks(items: list, sizes: list[int], budget: int) -> list[list]:
+    """``items`` cut into consecutive runs whose ``sizes`` add up to at most ``budget`` (at least one
+    item a run): stacks no larger than the largest parameter keep a step's temporaries as they were."""
+    out, total = [], budget + 1
+    for item, size in zip(items, sizes):
+        if total + size > budget:
+            out.append([])
+            total = 0
+        out[-1].append(item)
+        total += size
+    return out
+
+
 def as_matrix(x: torch.Tensor) -> torch.Tensor:
     """A parameter seen as a matrix: (first dimension, everything else)."""
     return x.reshape(x.shape[0], -1)

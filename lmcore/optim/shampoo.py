@@ -28,7 +28,7 @@ from collections import defaultdict
 import torch
 
 from lmcore.optim.base import (KeepsStateDtypes, adam_direction, adam_group_defaults, as_matrix, check_range,
-                               symmetric_eigh)
+                               chunks, symmetric_eigh)
 from lmcore.utils import closure_loss
 
 
@@ -85,8 +85,12 @@ class Shampoo(KeepsStateDtypes, torch.optim.Optimizer):
                 state["step"] += 1
                 sides = tuple(s in state for s in ("left", "right"))
                 buckets[(tuple(p.shape), sides, state["step"])].append(p)
+            budget = max((p.numel() for ps in buckets.values() for p in ps), default=0)
             for (_, sides, t), ps in buckets.items():
-                self._step_bucket(ps, group, t, any(sides))
+                state = self.state[ps[0]]
+                size = max(ps[0].numel(), sum(state[s].numel() for s in ("left", "right") if s in state))
+                for stack in chunks(ps, [size] * len(ps), budget):
+                    self._step_bucket(stack, group, t, any(sides))
         return loss
 
     def _step_bucket(self, ps: list, group, t: int, factored: bool) -> None:

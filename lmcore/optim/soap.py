@@ -35,7 +35,7 @@ from collections import defaultdict
 
 import torch
 
-from lmcore.optim.base import (KeepsStateDtypes, adam_group_defaults, as_matrix, check_range,
+from lmcore.optim.base import (KeepsStateDtypes, adam_group_defaults, as_matrix, check_range, chunks,
                                orthonormal_columns, symmetric_eigh)
 from lmcore.utils import closure_loss
 
@@ -137,9 +137,13 @@ class SOAP(KeepsStateDtypes, torch.optim.Optimizer):
                 state["step"] += 1
                 key = (tuple(as_matrix(p).shape) if p.ndim >= 2 else None,) + tuple(s in state for s in SIDES)
                 buckets[key + (state["step"],)].append(p)
+            budget = max((p.numel() for p in ps), default=0)
             for bucket in buckets.values():
                 if bucket[0].ndim >= 2:
-                    self._step_matrices(bucket, group)
+                    state = self.state[bucket[0]]
+                    size = max(bucket[0].numel(), sum(state[s].numel() for s in SIDES if s in state))
+                    for stack in chunks(bucket, [size] * len(bucket), budget):
+                        self._step_matrices(stack, group)
                 else:
                     for p in bucket:
                         self._step_vector(p, group)

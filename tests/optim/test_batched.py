@@ -12,7 +12,8 @@ from lmcore.optim import SOAP, SOAPLowBit, Shampoo, inverse_root
 from lmcore.optim.base import orthonormal_columns
 from tests.optim.test_references import grads, params, run
 
-SAME = [(24, 40), (24, 40), (24, 40), (40, 24), (40, 24), (17, 9), (33,), (33,)]  # stacks of 3, 2, 1
+# stacks of 3, 2 and 1 (the vector of 7000 allows stacks of that many values)
+SAME = [(24, 40), (24, 40), (24, 40), (40, 24), (40, 24), (17, 9), (33,), (33,), (7000,)]
 OPTIMIZERS = {
     "shampoo": lambda ps, **kw: Shampoo(ps, lr=1e-2, precondition_frequency=3, matrix_eps=1e-6, **kw),
     "soap": lambda ps, **kw: SOAP(ps, lr=1e-2, precondition_frequency=3, **kw),
@@ -45,7 +46,11 @@ def test_batched_inverse_root_equals_one_matrix_at_a_time():
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_one_stack_of_same_shaped_parameters_steps_as_one_optimizer_per_parameter(name):
+def test_one_stack_of_same_shaped_parameters_steps_as_one_optimizer_per_parameter(name, monkeypatch):
+    cls = Shampoo if name == "shampoo" else SOAP
+    method = "_step_bucket" if name == "shampoo" else "_step_matrices"
+    real, stacks = getattr(cls, method), []
+    monkeypatch.setattr(cls, method, lambda self, ps, *a: (stacks.append(len(ps)), real(self, ps, *a))[1])
     together = params(shapes=SAME)
     alone = params(shapes=SAME)
     opt = OPTIMIZERS[name](together, weight_decay=0.1)
@@ -60,6 +65,7 @@ def test_one_stack_of_same_shaped_parameters_steps_as_one_optimizer_per_paramete
     for a, b, start in zip(together, alone, params(shapes=SAME)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
         assert (a - start).abs().max() > 1e-3  # every parameter moved
+    assert max(stacks) == 3
 
 
 @pytest.mark.parametrize("name", ["soap", "soap-lowbit"])
@@ -96,3 +102,10 @@ def test_speed_test_times_only_the_optimizers_asked_for(tmp_path):
     json.dumps(result, default=str)
     with pytest.raises(ValueError, match="--optimizers='soap,lion'"):
         main(["--quick", "--optimizers", "soap,lion"])
+
+
+def test_stacks_hold_at_most_the_largest_parameter():
+    from lmcore.optim.base import chunks
+
+    assert chunks(list("abcde"), [4, 4, 4, 4, 9], 9) == [["a", "b"], ["c", "d"], ["e"]]
+    assert chunks(list("ab"), [20, 1], 9) == [["a"], ["b"]]  # one item a run even when too large

@@ -76,6 +76,55 @@ def symmetric_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return lam.to(a.dtype), q.to(a.dtype)
 
 
+def orthonormal_columns(a: torch.Tensor, method: str = "cholesky") -> torch.Tensor:
+    """``Q`` of the QR decomposition of each matrix of ``a`` ``(..., m, n)``, ``m >= n``, as float32.
+
+    ``method="householder"`` is ``torch.linalg.qr`` (the definition). ``method="cholesky"`` reaches
+    the same ``Q`` (up to the sign of each column) with matrix products, batched: Cholesky QR run
+    twice, in float64::
+
+        A <- A D^-1           (unit columns: the same Q, a better conditioned Gram matrix)
+        R = chol(A^T A),  Q = A R^-1,  then once more on Q
+
+    Every step keeps ``Q = A T`` with ``T`` upper triangular, which is what makes it QR's ``Q``;
+    the second pass repairs the orthogonality the first loses to rounding. A matrix it cannot make
+    orthogonal (numerically rank-deficient) is solved again by ``torch.linalg.qr``.
+    """
+    if method == "householder":
+        return torch.linalg.qr(a.float()).Q
+    if method != "cholesky":
+        raise ValueError(f"orthonormal_columns: method={method!r}; expected 'cholesky' or 'householder'")
+    x = a.double()
+    x = x / x.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    ok = torch.ones(a.shape[:-2], dtype=torch.bool, device=a.device)
+    eye = torch.eye(a.shape[-1], dtype=x.dtype, device=a.device)
+    for first in (True, False):
+        gram = x.mT @ x  # (..., n, n)
+        if not first:  # already nearly orthogonal: the Cholesky factor is close to I
+            ok &= (gram - eye).abs().amax((-2, -1)) < 0.5
+        r, info = torch.linalg.cholesky_ex(gram, upper=True)
+        ok &= info == 0
+        x = torch.linalg.solve_triangular(r, x, upper=True, left=False)
+    q = x.float()
+    if not bool(ok.all()):
+        bad = ~ok
+        q[bad] = torch.linalg.qr(a[bad].float()).Q
+    return q
+
+
+def chunks(items: list, sizes: list[int], budget: int) -> list[list]:
+    """``items`` cut into consecutive runs whose ``sizes`` add up to at most ``budget`` (at least one
+    item a run): stacks no larger than the largest parameter keep a step's temporaries as they were."""
+    out, total = [], budget + 1
+    for item, size in zip(items, sizes):
+        if total + size > budget:
+            out.append([])
+            total = 0
+        out[-1].append(item)
+        total += size
+    return out
+
+
 def as_matrix(x: torch.Tensor) -> torch.Tensor:
     """A parameter seen as a matrix: (first dimension, everything else)."""
     return x.reshape(x.shape[0], -1)

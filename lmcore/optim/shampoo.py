@@ -16,24 +16,30 @@ Grafting takes the direction from Shampoo and the size from Adam: per parameter,
 Shampoo's direction rescaled to the norm of Adam's step ``m_hat / (sqrt(v_hat) + eps)``, so the
 learning rate (and its schedule) of AdamW carries over. A side longer than ``max_precond_dim``
 gets no factor (identity); with no factor at all, or for a 1-D parameter, the update is Adam's.
+
+Parameters of one shape are stacked: one batched product per side for the preconditioning, one
+batched ``eigh`` per factor size at a refresh, and the grafting norms without a host round trip.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 
 from lmcore.optim.base import (KeepsStateDtypes, adam_direction, adam_group_defaults, as_matrix, check_range,
-                               symmetric_eigh)
+                               chunks, symmetric_eigh)
 from lmcore.utils import closure_loss
 
 
 def inverse_root(factor: torch.Tensor, root: int, eps: float) -> torch.Tensor:
-    """``(factor + eps I)^(-1/root)`` of a symmetric positive semi-definite matrix, in float32."""
+    """``(factor + eps I)^(-1/root)`` of a symmetric positive semi-definite matrix (or a stack of
+    them, ``(..., d, d)``), in float32."""
     a = factor.float()
-    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
     lam, q = symmetric_eigh(a + eps * eye)  # a is symmetric: real eigenvalues, orthogonal q
     lam = lam.clamp_min(eps)  # rounding can leave tiny negative eigenvalues
-    return (q * lam.pow(-1.0 / root)) @ q.T
+    return (q * lam.pow(-1.0 / root).unsqueeze(-2)) @ q.mT
 
 
 class Shampoo(KeepsStateDtypes, torch.optim.Optimizer):
@@ -71,43 +77,59 @@ class Shampoo(KeepsStateDtypes, torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure_loss(closure)
         for group in self.param_groups:
-            (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+            buckets = defaultdict(list)  # same shape, sides and step: one stack
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self._init_state(p, group)
                 state["step"] += 1
-                t, g = state["step"], p.grad
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                update = adam_direction(m, v, t, beta1, beta2, eps)  # Adam's step: the graft
-                if "left" in state or "right" in state:
-                    update = self._graft(self._precondition(state, g, m, t, group), update).view_as(p)
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-lr)
+                sides = tuple(s in state for s in ("left", "right"))
+                buckets[(tuple(p.shape), sides, state["step"])].append(p)
+            budget = max((p.numel() for ps in buckets.values() for p in ps), default=0)
+            for (_, sides, t), ps in buckets.items():
+                state = self.state[ps[0]]
+                size = max(ps[0].numel(), sum(state[s].numel() for s in ("left", "right") if s in state))
+                for stack in chunks(ps, [size] * len(ps), budget):
+                    self._step_bucket(stack, group, t, any(sides))
         return loss
 
-    def _precondition(self, state, g, m, t: int, group) -> torch.Tensor:
-        """Update the factors, refresh their roots when due, and return ``L^(-1/p) M R^(-1/p)``."""
-        G, M = as_matrix(g).float(), as_matrix(m).float()  # (m, n)
-        beta2 = group["betas"][1]
-        if "left" in state:
-            state["left"].lerp_(G @ G.T, 1 - beta2)  # (m, m)
-        if "right" in state:
-            state["right"].lerp_(G.T @ G, 1 - beta2)  # (n, n)
-        if (t - 1) % group["precondition_frequency"] == 0:
-            for side in ("left", "right"):
-                if side in state:
-                    state[side + "_root"] = inverse_root(state[side], group["root"], group["matrix_eps"])
-        if "left" in state:
-            M = state["left_root"] @ M
-        if "right" in state:
-            M = M @ state["right_root"]
-        return M
+    def _step_bucket(self, ps: list, group, t: int, factored: bool) -> None:
+        (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+        states = [self.state[p] for p in ps]
+        grads = [p.grad for p in ps]
+        ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+        updates = [adam_direction(m, v, t, beta1, beta2, eps) for m, v in zip(ms, vs)]  # Adam's: the graft
+        if factored:
+            adam = torch.stack(updates)
+            direction = self._precondition(states, grads, ms, t, group)  # (k, m, n)
+            norm = direction.flatten(1).norm(dim=1)
+            scale = torch.where(norm > 0, adam.flatten(1).norm(dim=1) / norm, torch.ones_like(norm))
+            updates = list((direction * scale[:, None, None]).unbind(0))
+        torch._foreach_mul_(ps, 1 - lr * group["weight_decay"])
+        torch._foreach_add_(ps, [u.view_as(p).to(p.dtype) for u, p in zip(updates, ps)], alpha=-lr)
 
-    @staticmethod
-    def _graft(direction: torch.Tensor, adam: torch.Tensor) -> torch.Tensor:
-        """``direction`` rescaled to the norm of ``adam`` (the step size comes from Adam)."""
-        norm = direction.norm()
-        return direction * (adam.norm() / norm) if norm > 0 else direction
+    def _precondition(self, states: list, grads: list, ms: list, t: int, group) -> torch.Tensor:
+        """Update the factors, refresh their roots when due, and return ``L^(-1/p) M R^(-1/p)`` for
+        the stack of same-shaped parameters."""
+        beta2 = group["betas"][1]
+        for state, g in zip(states, grads):
+            G = as_matrix(g).float()  # (m, n)
+            if "left" in state:
+                state["left"].lerp_(G @ G.T, 1 - beta2)  # (m, m)
+            if "right" in state:
+                state["right"].lerp_(G.T @ G, 1 - beta2)  # (n, n)
+        M = torch.stack([as_matrix(m).float() for m in ms])  # (k, m, n)
+        for side in ("left", "right"):
+            if side not in states[0]:
+                continue
+            if (t - 1) % group["precondition_frequency"] == 0:
+                roots = inverse_root(torch.stack([s[side] for s in states]), group["root"],
+                                     group["matrix_eps"])
+                for state, r in zip(states, roots):
+                    state[side + "_root"] = r.clone()
+            root = torch.stack([s[side + "_root"] for s in states])
+            M = root @ M if side == "left" else M @ root
+        return M

@@ -213,6 +213,12 @@ def _cpu_ms(fn) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
+def unmeasured(earlier: list[dict], rows: list[dict]) -> list[dict]:
+    """The rows of an earlier file that this run did not measure again (setting, length and pass)."""
+    done = {(r["setting"], r["seq"], r["pass"]) for r in rows}
+    return [r for r in earlier if (r["setting"], r["seq"], r["pass"]) not in done]
+
+
 def main(argv: list[str]) -> dict:
     args = _args(argv)
     from lmcore.bench import gpu_slug, provenance, write_results
@@ -265,8 +271,7 @@ def main(argv: list[str]) -> dict:
             del q, k, v, do, fns
             if cuda:
                 torch.cuda.empty_cache()
-            done = {(r["setting"], r["seq"]) for r in rows}
-            kept = [r for r in earlier if (r["setting"], r["seq"]) not in done]
+            kept = unmeasured(earlier, rows)
             result = {**summarize(kept + rows), "rows": kept + rows, "provenance": prov, "runs": runs + [prov],
                       "settings": {"dtype": str(dtype), "batch": 1, "causal": True, "rounds": args.rounds,
                                    "fla_core": fla_error or "installed",

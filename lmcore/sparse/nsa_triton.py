@@ -24,6 +24,11 @@ group's heads, then given to the selection blocks each compressed token overlaps
 to the overlap. Top-n: per token, ``n`` rounds of "largest score, lowest block on ties", with
 the first block and the ``n_local`` most recent blocks forced in and future blocks excluded.
 Gated sum: ``g0 o_cmp + g1 o_sel + g2 o_win`` and its gradients, one pass over the rows each way.
+
+Split-K: a forward or importance launch with few programs (decoding: one query per KV group)
+spreads each program's key tiles over several programs; the attention's partial softmaxes
+(running max, sum of exponentials, unnormalised output) are combined by a last small kernel, and
+each importance program starts from what the block before its share spills into it.
 """
 
 from __future__ import annotations
@@ -92,13 +97,20 @@ if triton is not None:
         return kidx
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, L, IDX, n_q_heads, n_kv_heads, tq, n_keys, q_off, head_dim,
+    def _fwd_kernel(Q, K, V, O, L, IDX, n_q_heads, n_kv_heads, tq, n_keys, q_off, head_dim, split_tiles,
                     QK_SCALE: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
                     HEAD_DIM: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, WINDOW: tl.constexpr,
-                    N_SEL: tl.constexpr, PREC: tl.constexpr):
-        """O, LSE of one (BT tokens x G heads) tile over a key range (N_SEL == 0) or its selected blocks."""
+                    N_SEL: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+        """O, LSE of one (BT tokens x G heads) tile over a key range (N_SEL == 0) or its selected blocks.
+
+        With SPLIT, program ``s`` of the third grid axis takes only key tiles ``s * split_tiles`` to
+        ``(s + 1) * split_tiles`` and stores its unnormalised partial sums for :func:`_combine_kernel`:
+        ``O`` is then (splits, rows, D) float32 and ``L`` (2, splits, rows) holds the running max
+        and the sum of exponentials (split-K, for few queries over many keys: decoding).
+        """
         t0 = tl.program_id(0) * BT
         bkv = tl.program_id(1)
+        split = tl.program_id(2)
         b, kvh = bkv // n_kv_heads, bkv % n_kv_heads
         tok, ok, base, offs_d, mask = _rows(Q, b, kvh, t0, n_q_heads, tq, G, BT, BG, head_dim, HEAD_DIM)
         qpos = q_off + tok
@@ -108,7 +120,7 @@ if triton is not None:
         l_i = tl.zeros([BT * BG], tl.float32)
         acc = tl.zeros([BT * BG, HEAD_DIM], tl.float32)
         lo, n_iter = _key_span(t0, tq, q_off, n_keys, BT, BK, KS, KO, WINDOW, N_SEL)
-        for it in range(n_iter):
+        for it in range(split * split_tiles, tl.minimum(n_iter, (split + 1) * split_tiles)):
             kidx = _tile_keys(IDX, bkv, tq, t0, it, lo, BK, N_SEL)
             k, v = _key_tile(K, V, kv_base, kidx, n_keys, head_dim, offs_d)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * QK_SCALE  # (R, BK), log2 units
@@ -120,11 +132,43 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
-        seen = l_i > 0
-        out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        tl.store(O + base[:, None] + offs_d[None, :], out.to(O.dtype.element_ty), mask=mask)
-        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("inf"))
-        tl.store(L + base // head_dim, lse, mask=ok)
+        if SPLIT:
+            n_rows = tl.num_programs(1) // n_kv_heads * n_q_heads * tq
+            part = split.to(tl.int64) * n_rows
+            tl.store(O + part * head_dim + base[:, None] + offs_d[None, :], acc, mask=mask)
+            tl.store(L + part + base // head_dim, m_i, mask=ok)
+            tl.store(L + (tl.num_programs(2) + split).to(tl.int64) * n_rows + base // head_dim, l_i, mask=ok)
+        else:
+            seen = l_i > 0
+            out = acc / tl.where(seen, l_i, 1.0)[:, None]
+            tl.store(O + base[:, None] + offs_d[None, :], out.to(O.dtype.element_ty), mask=mask)
+            lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+            tl.store(L + base // head_dim, lse, mask=ok)
+
+    @triton.jit
+    def _combine_kernel(O_PART, ML, O, L, n_rows, n_split, head_dim, BR: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """O and LSE of BR rows from the partial sums of :func:`_fwd_kernel`'s key splits."""
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        cols = tl.arange(0, HEAD_DIM)
+        ok = rows < n_rows
+        m = ok[:, None] & (cols[None, :] < head_dim)
+        m_all = tl.full([BR], float("-inf"), tl.float32)
+        for s in range(n_split):
+            m_all = tl.maximum(m_all, tl.load(ML + s * n_rows + rows, mask=ok, other=float("-inf")))
+        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+        l_all = tl.zeros([BR], tl.float32)
+        acc = tl.zeros([BR, HEAD_DIM], tl.float32)
+        for s in range(n_split):
+            w = tl.exp2(tl.load(ML + s * n_rows + rows, mask=ok, other=float("-inf")) - m_safe)
+            l_all += w * tl.load(ML + (n_split + s) * n_rows + rows, mask=ok, other=0.0)
+            part = tl.load(O_PART + (s * n_rows + rows.to(tl.int64))[:, None] * head_dim + cols[None, :], mask=m,
+                           other=0.0)
+            acc += w[:, None] * part
+        seen = l_all > 0
+        out = acc / tl.where(seen, l_all, 1.0)[:, None]
+        tl.store(O + rows.to(tl.int64)[:, None] * head_dim + cols[None, :], out.to(O.dtype.element_ty), mask=m)
+        lse = tl.where(seen, (m_all + tl.log2(tl.where(seen, l_all, 1.0))) * 0.6931471805599453, float("inf"))
+        tl.store(L + rows, lse, mask=ok)
 
     @triton.jit
     def _dq_kernel(Q, K, V, DO, DQ, L, Delta, IDX, n_q_heads, n_kv_heads, tq, n_keys, q_off, head_dim,
@@ -215,44 +259,60 @@ if triton is not None:
             tl.atomic_add(DV + ptr, dv, mask=m)
 
     @triton.jit
+    def _importance_group(q, KC, kc_base, j0, n_cmp, head_dim, offs_d, qpos, ok, lse2, carry, QK_SCALE: tl.constexpr,
+                          cmp_len, cmp_stride, sel_len, BT: tl.constexpr, BG: tl.constexpr, NB: tl.constexpr,
+                          R: tl.constexpr, PREC: tl.constexpr):
+        """Scores (BT, NB) of blocks j0 .. j0+NB-1, and the share the last one's tokens spill onward.
+
+        A compressed token starting at offset r*stride of its block gives w_a to that block and
+        1 - w_a to the next one (R = sel_len / stride tokens start in each block); ``carry`` is what
+        the block before j0 spilled into j0."""
+        r_in = tl.arange(0, R)
+        w_a = tl.minimum(sel_len - r_in * cmp_stride, cmp_len).to(tl.float32) / cmp_len  # (R,)
+        kk = tl.arange(0, NB)
+        cidx = j0 * R + tl.arange(0, NB * R)  # compressed tokens starting in blocks j0 .. j0+NB-1
+        cm = (cidx[:, None] < n_cmp) & (offs_d[None, :] < head_dim)
+        kc = tl.load(KC + kc_base + cidx.to(tl.int64)[:, None] * head_dim + offs_d[None, :], mask=cm, other=0.0)
+        s = tl.dot(q, tl.trans(kc), input_precision=PREC) * QK_SCALE  # (R, NB*R)
+        vis = ((cidx[None, :] * cmp_stride + cmp_len - 1) <= qpos[:, None]) & (cidx[None, :] < n_cmp)
+        p = tl.where(vis & ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
+        p = tl.sum(tl.reshape(p, (BT, BG, NB * R)), 1)  # (BT, NB*R): summed over the group's heads
+        p3 = tl.reshape(p, (BT, NB, R))
+        own = tl.sum(p3 * w_a[None, None, :], 2)  # (BT, NB)
+        spill = tl.sum(p3 * (1.0 - w_a)[None, None, :], 2)
+        shift = ((kk[:, None] + 1) == kk[None, :]).to(tl.float32)  # (NB, NB): block k spills into k + 1
+        moved = tl.sum(spill[:, :, None] * shift[None, :, :], 1)  # spill[k-1] at k
+        score = own + moved + tl.where(kk[None, :] == 0, carry[:, None], 0.0)
+        return score, tl.sum(tl.where(kk[None, :] == NB - 1, spill, 0.0), 1)
+
+    @triton.jit
     def _importance_kernel(Q, KC, L, S_OUT, n_q_heads, n_kv_heads, tq, n_cmp, n_blocks, q_off, head_dim,
-                           QK_SCALE: tl.constexpr, cmp_len, cmp_stride, sel_len,
+                           split_groups, QK_SCALE: tl.constexpr, cmp_len, cmp_stride, sel_len,
                            G: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr, NB: tl.constexpr,
                            R: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
         """Block scores (B*Hkv, Tq, n_blocks): compressed-attention probabilities summed over the
-        group's heads, each compressed token's share given to the selection blocks it overlaps."""
+        group's heads, each compressed token's share given to the selection blocks it overlaps.
+        Program ``s`` of the third grid axis scores the NB-block groups ``s * split_groups`` onward
+        (``split_groups`` of them), starting from what the group before them spills."""
         t0 = tl.program_id(0) * BT
         bkv = tl.program_id(1)
+        g_lo = tl.program_id(2) * split_groups
         b, kvh = bkv // n_kv_heads, bkv % n_kv_heads
         tok, ok, base, offs_d, mask = _rows(Q, b, kvh, t0, n_q_heads, tq, G, BT, BG, head_dim, HEAD_DIM)
         qpos = q_off + tok
         q = tl.load(Q + base[:, None] + offs_d[None, :], mask=mask, other=0.0)  # (R, D)
         lse2 = tl.load(L + base // head_dim, mask=ok, other=float("inf")) * 1.4426950408889634
         kc_base = bkv.to(tl.int64) * n_cmp * head_dim
-        # a compressed token starting at offset r*stride of its block gives w_a to that block and
-        # 1 - w_a to the next one (R = sel_len / stride tokens start in each block)
-        r_in = tl.arange(0, R)
-        w_a = tl.minimum(sel_len - r_in * cmp_stride, cmp_len).to(tl.float32) / cmp_len  # (R,)
-        w_b = 1.0 - w_a
-        kk = tl.arange(0, NB)
-        shift = (kk[:, None] + 1) == kk[None, :]  # (NB, NB): block k spills into block k + 1
         carry = tl.zeros([BT], tl.float32)
+        if g_lo > 0:
+            _, carry = _importance_group(q, KC, kc_base, (g_lo - 1) * NB, n_cmp, head_dim, offs_d, qpos, ok, lse2,
+                                         carry, QK_SCALE, cmp_len, cmp_stride, sel_len, BT, BG, NB, R, PREC)
         last_block = tl.minimum(q_off + tl.minimum(t0 + BT, tq) - 1, (n_blocks * sel_len) - 1) // sel_len
         tok1 = t0 + tl.arange(0, BT)
-        for j0 in range(0, last_block + 1, NB):
-            cidx = j0 * R + tl.arange(0, NB * R)  # compressed tokens starting in blocks j0 .. j0+NB-1
-            cm = (cidx[:, None] < n_cmp) & (offs_d[None, :] < head_dim)
-            kc = tl.load(KC + kc_base + cidx.to(tl.int64)[:, None] * head_dim + offs_d[None, :], mask=cm, other=0.0)
-            s = tl.dot(q, tl.trans(kc), input_precision=PREC) * QK_SCALE  # (R, NB*R)
-            vis = ((cidx[None, :] * cmp_stride + cmp_len - 1) <= qpos[:, None]) & (cidx[None, :] < n_cmp)
-            p = tl.where(vis & ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
-            p = tl.sum(tl.reshape(p, (BT, BG, NB * R)), 1)  # (BT, NB*R): summed over the group's heads
-            p3 = tl.reshape(p, (BT, NB, R))
-            own = tl.sum(p3 * w_a[None, None, :], 2)  # (BT, NB)
-            spill = tl.sum(p3 * w_b[None, None, :], 2)
-            moved = tl.sum(spill[:, :, None] * shift[None, :, :].to(tl.float32), 1)  # spill[k-1] at k
-            score = own + moved + tl.where(kk[None, :] == 0, carry[:, None], 0.0)
-            carry = tl.sum(tl.where(kk[None, :] == NB - 1, spill, 0.0), 1)
+        kk = tl.arange(0, NB)
+        for j0 in range(g_lo * NB, tl.minimum(last_block + 1, (g_lo + split_groups) * NB), NB):
+            score, carry = _importance_group(q, KC, kc_base, j0, n_cmp, head_dim, offs_d, qpos, ok, lse2, carry,
+                                             QK_SCALE, cmp_len, cmp_stride, sel_len, BT, BG, NB, R, PREC)
             blk = j0 + kk
             sm = (tok1[:, None] < tq) & (blk[None, :] < n_blocks)
             tl.store(S_OUT + (bkv.to(tl.int64) * tq + tok1[:, None]) * n_blocks + blk[None, :], score, mask=sm)
@@ -316,7 +376,9 @@ if triton is not None:
 #: How each kernel is launched: ``rows`` (query token x head pairs) per program (a selected-block
 #: program always holds one token's heads), ``chunk`` query tokens per dK/dV program, and the
 #: compiler's warps and pipeline stages. Chosen by timing every
-#: candidate on an H200 at 65,536 tokens, 64 query heads in 4 KV groups, head dim 128, bfloat16.
+#: candidate on an H200 at 65,536 tokens, 64 query heads in 4 KV groups, head dim 128, bfloat16
+#: (``topn_few``: top-n for fewer tokens than SPLIT_BELOW_PROGRAMS, the setting decoding measured
+#: fastest before the table existed).
 LAUNCH = {
     "fwd": dict(rows=64, num_warps=4, num_stages=3),
     "fwd_selected": dict(num_warps=2, num_stages=2),
@@ -325,6 +387,7 @@ LAUNCH = {
     "dkv": dict(rows=64, chunk=1024, num_warps=4, num_stages=2),
     "importance": dict(rows=128, num_warps=8, num_stages=2),
     "topn": dict(num_warps=1),
+    "topn_few": dict(num_warps=4),
 }
 
 
@@ -339,6 +402,22 @@ def _launch(kind: str, group: int, selected: bool = False) -> tuple[dict, dict]:
     return dict(BT=max(1, setting["rows"] // bg), BG=bg), opts
 
 
+#: Split-K: a launch with fewer programs than this (few query tokens: decoding) spreads each
+#: program's keys over several programs, each taking at least SPLIT_MIN_TILES key tiles.
+SPLIT_BELOW_PROGRAMS = 256
+SPLIT_MIN_TILES = 4
+
+
+def key_splits(programs: int, n_tiles: int, splits: int | None = None) -> tuple[int, int]:
+    """(splits, tiles per split) for a launch of ``programs`` each visiting up to ``n_tiles`` tiles;
+    ``splits`` forces a count (1: no split)."""
+    if splits is None:
+        splits = 1 if programs >= SPLIT_BELOW_PROGRAMS else \
+            min(triton.cdiv(n_tiles, SPLIT_MIN_TILES), triton.cdiv(SPLIT_BELOW_PROGRAMS, programs))
+    per = triton.cdiv(max(n_tiles, 1), max(1, splits))
+    return triton.cdiv(max(n_tiles, 1), per), per
+
+
 def _meta(q, k, window: int, ks: int, ko: int):
     bsz, hq, tq, d = q.shape
     hkv, n_keys = k.shape[1], k.shape[2]
@@ -347,17 +426,33 @@ def _meta(q, k, window: int, ks: int, ko: int):
 
 
 def attn_forward(q, k, v, scale: float, q_off: int, block: int, idx=None, window: int = 0, ks: int = 1,
-                 ko: int = 0):
+                 ko: int = 0, splits: int | None = None):
     """(O, LSE) of group-shared attention: over selected blocks (``idx`` (B*Hkv, Tq, n) of block
-    numbers of size ``block``) or over the key range ``pos_i = i*ks + ko <= t`` (within ``window``)."""
+    numbers of size ``block``) or over the key range ``pos_i = i*ks + ko <= t`` (within ``window``).
+    Few queries over many keys are split across programs (``splits``: see :func:`key_splits`)."""
     meta, (bsz, hq, hkv, tq, n_keys, d) = _meta(q, k, window, ks, ko)
     tiles, opts = _launch("fwd", hq // hkv, idx is not None)
     o = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(tq, tiles["BT"]), bsz * hkv)
-    _fwd_kernel[grid](q, k, v, o, lse, idx if idx is not None else q, hq, hkv, tq, n_keys, q_off, d,
-                      QK_SCALE=scale * LOG2E, BK=block, N_SEL=idx.shape[-1] if idx is not None else 0,
-                      **tiles, **meta, **opts)
+    if idx is not None:  # the tiles a program visits: its selected blocks, or a range's tiles
+        n_tiles = idx.shape[-1]
+    else:
+        n_tiles = triton.cdiv(min(n_keys, window // ks + 2 * tiles["BT"]) if window else n_keys, block) + 1
+    n_split, per = key_splits(grid[0] * grid[1], n_tiles, splits)
+    if n_split == 1:
+        out, ml = o, lse
+    else:  # partial sums per split, combined below
+        out = torch.empty((n_split, o.numel() // d, d), device=q.device, dtype=torch.float32)
+        ml = torch.empty((2, n_split, o.numel() // d), device=q.device, dtype=torch.float32)
+    _fwd_kernel[grid + (n_split,)](q, k, v, out, ml, idx if idx is not None else q, hq, hkv, tq, n_keys, q_off, d,
+                                   per if n_split > 1 else 1 << 30, QK_SCALE=scale * LOG2E, BK=block,
+                                   N_SEL=idx.shape[-1] if idx is not None else 0, SPLIT=n_split > 1,
+                                   **tiles, **meta, **opts)
+    if n_split > 1:
+        rows = o.numel() // d
+        _combine_kernel[(triton.cdiv(rows, 16),)](out, ml, o, lse, rows, n_split, d, BR=16,
+                                                  HEAD_DIM=meta["HEAD_DIM"])
     return o, lse
 
 
@@ -405,8 +500,9 @@ def attn_backward(q, k, v, o, lse, do, scale: float, q_off: int, block: int, idx
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
-def block_scores(q, k_cmp, lse_cmp, n_keys: int, cfg, scale: float) -> torch.Tensor:
-    """Importance of every selection block for every query: (B*Hkv, Tq, n_blocks) float32."""
+def block_scores(q, k_cmp, lse_cmp, n_keys: int, cfg, scale: float, splits: int | None = None) -> torch.Tensor:
+    """Importance of every selection block for every query: (B*Hkv, Tq, n_blocks) float32 (few
+    queries: the blocks split across programs, see :func:`key_splits`)."""
     bsz, hq, tq, d = q.shape
     hkv, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
     n_blocks = triton.cdiv(n_keys, cfg.sel_block)
@@ -415,10 +511,13 @@ def block_scores(q, k_cmp, lse_cmp, n_keys: int, cfg, scale: float) -> torch.Ten
         raise ValueError(f"sel_block / cmp_stride = {r}: the Triton path needs a power of two")
     out = torch.empty((bsz * hkv, tq, n_blocks), device=q.device, dtype=torch.float32)
     tiles, opts = _launch("importance", hq // hkv)
-    _importance_kernel[(triton.cdiv(tq, tiles["BT"]), bsz * hkv)](
-        q, k_cmp.contiguous(), lse_cmp, out, hq, hkv, tq, n_cmp, n_blocks, n_keys - tq, d,
+    nb = max(1, 64 // r)
+    grid = (triton.cdiv(tq, tiles["BT"]), bsz * hkv)
+    n_split, per = key_splits(grid[0] * grid[1], triton.cdiv(n_blocks, nb), splits)
+    _importance_kernel[grid + (n_split,)](
+        q, k_cmp.contiguous(), lse_cmp, out, hq, hkv, tq, n_cmp, n_blocks, n_keys - tq, d, per,
         QK_SCALE=scale * LOG2E, cmp_len=cfg.cmp_block, cmp_stride=cfg.cmp_stride, sel_len=cfg.sel_block,
-        G=hq // hkv, NB=max(1, 64 // r), R=r, HEAD_DIM=max(16, triton.next_power_of_2(d)), PREC=precision(q.dtype),
+        G=hq // hkv, NB=nb, R=r, HEAD_DIM=max(16, triton.next_power_of_2(d)), PREC=precision(q.dtype),
         **tiles, **opts)
     return out
 
@@ -427,8 +526,10 @@ def top_blocks(scores: torch.Tensor, n_keys: int, cfg) -> torch.Tensor:
     """(B*Hkv, Tq, top_n) int32 block indices per query, best first; -1 where fewer blocks exist."""
     bkv, tq, n_blocks = scores.shape
     idx = torch.empty((bkv, tq, cfg.top_n), device=scores.device, dtype=torch.int32)
+    few = tq * bkv < SPLIT_BELOW_PROGRAMS  # decoding: more warps for each of the few tokens
     _topn_kernel[(tq, bkv)](scores, idx, tq, n_blocks, n_keys - tq, cfg.sel_block, N_SEL=cfg.top_n,
-                            N_LOCAL=cfg.n_local, NBP=triton.next_power_of_2(n_blocks), **LAUNCH["topn"])
+                            N_LOCAL=cfg.n_local, NBP=triton.next_power_of_2(n_blocks),
+                            **LAUNCH["topn_few" if few else "topn"])
     return idx
 
 

@@ -54,6 +54,28 @@ def test_decoding_rows_equal_the_last_rows_of_the_full_sequence():
     torch.testing.assert_close(fast[0], full[0][:, :, -3:], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_key_splits_equal_one_pass(splits):
+    # split-K (decoding): partial softmaxes over slices of the keys, combined, equal one pass
+    from lmcore.sparse.nsa_triton import attn_forward, block_scores
+
+    cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, top_n=3, window=40, n_local=1)
+    q, k, v = (x.detach() for x in qkv(hq=4, hkv=2, t=1100, tq=5))  # 69 blocks: 5 groups of 16
+    kc, vc = compress_mean(k, cfg.cmp_block, cfg.cmp_stride), compress_mean(v, cfg.cmp_block, cfg.cmp_stride)
+    ranges = {"compressed": (kc, vc, 0, cfg.cmp_stride, cfg.cmp_block - 1), "window": (k, v, cfg.window, 1, 0)}
+    idx = torch.randint(-1, 60, (2, 5, 9), generator=torch.Generator().manual_seed(2), dtype=torch.int32)
+    ranges["selected"] = (k, v, 0, 1, 0)
+    for name, (kk, vv, window, ks, ko) in ranges.items():
+        sel = idx if name == "selected" else None
+        one = attn_forward(q, kk, vv, 0.25, 1095, 16, sel, window, ks, ko, splits=1)
+        split = attn_forward(q, kk, vv, 0.25, 1095, 16, sel, window, ks, ko, splits=splits)
+        for a, b in zip(split, one):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    lse = attn_forward(q, kc, vc, 0.25, 1095, 16, None, 0, cfg.cmp_stride, cfg.cmp_block - 1, splits=1)[1]
+    torch.testing.assert_close(block_scores(q, kc, lse, 1100, cfg, 0.25, splits=splits),
+                               block_scores(q, kc, lse, 1100, cfg, 0.25, splits=1), atol=1e-6, rtol=1e-5)
+
+
 def test_first_blocks_of_the_sequence():
     # before a compressed block ends the branch is 0; early tokens select every block they have
     q, k, v = qkv(t=20)
@@ -242,3 +264,14 @@ def test_gpu_model_with_nsa_compiles_trains_and_decodes():
         steps = [model(ids[:1, :1500], cache)] + [model(ids[:1, t:t + 1], cache) for t in range(1500, 1510)]
         full = model(ids[:1, :1510])
     torch.testing.assert_close(torch.cat(steps, 1).float(), full.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_bench_resume_replaces_only_the_passes_measured_again():
+    from lmcore.bench.nsa import unmeasured
+
+    old = [dict(setting=s, seq=n, pas=p, method="nsa") for s in "ab" for n in (8, 16) for p in ("fwd", "decode")]
+    old = [dict(r, **{"pass": r.pop("pas")}) for r in old]
+    new = [{"setting": "a", "seq": 8, "pass": "decode", "method": "nsa"}]
+    kept = unmeasured(old, new)
+    assert len(kept) == len(old) - 1 and new[0] not in kept
+    assert {"setting": "a", "seq": 8, "pass": "fwd", "method": "nsa"} in kept

@@ -259,8 +259,8 @@ if triton is not None:
             tl.atomic_add(DV + ptr, dv, mask=m)
 
     @triton.jit
-    def _importance_group(q, KC, kc_base, j0, n_cmp, head_dim, offs_d, qpos, ok, lse2, carry, QK_SCALE: tl.constexpr,
-                          cmp_len, cmp_stride, sel_len, BT: tl.constexpr, BG: tl.constexpr, NB: tl.constexpr,
+    def _importance_group(q, KC, kc_base, j0, n_cmp, head_dim, offs_d, qpos, ok, lse2, carry,
+                          QK_SCALE: tl.constexpr, cmp_len, cmp_stride, sel_len, BT: tl.constexpr, BG: tl.constexpr, NB: tl.constexpr,
                           R: tl.constexpr, PREC: tl.constexpr):
         """Scores (BT, NB) of blocks j0 .. j0+NB-1, and the share the last one's tokens spill onward.
 
@@ -272,7 +272,8 @@ if triton is not None:
         kk = tl.arange(0, NB)
         cidx = j0 * R + tl.arange(0, NB * R)  # compressed tokens starting in blocks j0 .. j0+NB-1
         cm = (cidx[:, None] < n_cmp) & (offs_d[None, :] < head_dim)
-        kc = tl.load(KC + kc_base + cidx.to(tl.int64)[:, None] * head_dim + offs_d[None, :], mask=cm, other=0.0)
+        kc_ptr = KC + kc_base + cidx.to(tl.int64)[:, None] * head_dim + offs_d[None, :]
+        kc = tl.load(kc_ptr, mask=cm, other=0.0)
         s = tl.dot(q, tl.trans(kc), input_precision=PREC) * QK_SCALE  # (R, NB*R)
         vis = ((cidx[None, :] * cmp_stride + cmp_len - 1) <= qpos[:, None]) & (cidx[None, :] < n_cmp)
         p = tl.where(vis & ok[:, None], tl.exp2(s - lse2[:, None]), 0.0)
@@ -305,17 +306,18 @@ if triton is not None:
         kc_base = bkv.to(tl.int64) * n_cmp * head_dim
         carry = tl.zeros([BT], tl.float32)
         if g_lo > 0:
-            _, carry = _importance_group(q, KC, kc_base, (g_lo - 1) * NB, n_cmp, head_dim, offs_d, qpos, ok, lse2,
-                                         carry, QK_SCALE, cmp_len, cmp_stride, sel_len, BT, BG, NB, R, PREC)
+            _, carry = _importance_group(q, KC, kc_base, (g_lo - 1) * NB, n_cmp, head_dim, offs_d, qpos, ok,
+                                         lse2, carry, QK_SCALE, cmp_len, cmp_stride, sel_len, BT, BG, NB, R, PREC)
         last_block = tl.minimum(q_off + tl.minimum(t0 + BT, tq) - 1, (n_blocks * sel_len) - 1) // sel_len
         tok1 = t0 + tl.arange(0, BT)
         kk = tl.arange(0, NB)
         for j0 in range(g_lo * NB, tl.minimum(last_block + 1, (g_lo + split_groups) * NB), NB):
-            score, carry = _importance_group(q, KC, kc_base, j0, n_cmp, head_dim, offs_d, qpos, ok, lse2, carry,
-                                             QK_SCALE, cmp_len, cmp_stride, sel_len, BT, BG, NB, R, PREC)
+            score, carry = _importance_group(q, KC, kc_base, j0, n_cmp, head_dim, offs_d, qpos, ok, lse2,
+                                             carry, QK_SCALE, cmp_len, cmp_stride, sel_len, BT, BG, NB, R, PREC)
             blk = j0 + kk
             sm = (tok1[:, None] < tq) & (blk[None, :] < n_blocks)
-            tl.store(S_OUT + (bkv.to(tl.int64) * tq + tok1[:, None]) * n_blocks + blk[None, :], score, mask=sm)
+            at = (bkv.to(tl.int64) * tq + tok1[:, None]) * n_blocks + blk[None, :]
+            tl.store(S_OUT + at, score, mask=sm)
 
     @triton.jit
     def _topn_kernel(S_IN, IDX, tq, n_blocks, q_off, sel_len, N_SEL: tl.constexpr, N_LOCAL: tl.constexpr,
@@ -445,8 +447,8 @@ def attn_forward(q, k, v, scale: float, q_off: int, block: int, idx=None, window
     else:  # partial sums per split, combined below
         out = torch.empty((n_split, o.numel() // d, d), device=q.device, dtype=torch.float32)
         ml = torch.empty((2, n_split, o.numel() // d), device=q.device, dtype=torch.float32)
-    _fwd_kernel[grid + (n_split,)](q, k, v, out, ml, idx if idx is not None else q, hq, hkv, tq, n_keys, q_off, d,
-                                   per if n_split > 1 else 1 << 30, QK_SCALE=scale * LOG2E, BK=block,
+    _fwd_kernel[grid + (n_split,)](q, k, v, out, ml, idx if idx is not None else q, hq, hkv, tq, n_keys,
+                                   q_off, d, per if n_split > 1 else 1 << 30, QK_SCALE=scale * LOG2E, BK=block,
                                    N_SEL=idx.shape[-1] if idx is not None else 0, SPLIT=n_split > 1,
                                    **tiles, **meta, **opts)
     if n_split > 1:
@@ -555,7 +557,8 @@ class _GroupAttention(torch.autograd.Function):
 def _mix_launch(o1, head_dim: int) -> tuple[int, dict]:
     n_rows = o1.numel() // head_dim
     br = max(1, 4096 // triton.next_power_of_2(head_dim))
-    return n_rows, dict(BR=br, HEAD_DIM=max(16, triton.next_power_of_2(head_dim)), grid=(triton.cdiv(n_rows, br),))
+    return n_rows, dict(BR=br, HEAD_DIM=max(16, triton.next_power_of_2(head_dim)),
+                        grid=(triton.cdiv(n_rows, br),))
 
 
 class _GatedSum(torch.autograd.Function):

@@ -62,7 +62,8 @@ def test_key_splits_equal_one_pass(splits):
     cfg = NSAConfig(cmp_block=8, cmp_stride=4, sel_block=16, top_n=3, window=40, n_local=1)
     q, k, v = (x.detach() for x in qkv(hq=4, hkv=2, t=1100, tq=5))  # 69 blocks: 5 groups of 16
     kc, vc = compress_mean(k, cfg.cmp_block, cfg.cmp_stride), compress_mean(v, cfg.cmp_block, cfg.cmp_stride)
-    ranges = {"compressed": (kc, vc, 0, cfg.cmp_stride, cfg.cmp_block - 1), "window": (k, v, cfg.window, 1, 0)}
+    ranges = {"compressed": (kc, vc, 0, cfg.cmp_stride, cfg.cmp_block - 1),
+              "window": (k, v, cfg.window, 1, 0)}
     idx = torch.randint(-1, 60, (2, 5, 9), generator=torch.Generator().manual_seed(2), dtype=torch.int32)
     ranges["selected"] = (k, v, 0, 1, 0)
     for name, (kk, vv, window, ks, ko) in ranges.items():

@@ -23,7 +23,7 @@ first needed (see ``lmcore.optim.adamw8bit``).
 import triton
 import triton.language as tl
 
-from lmcore.train.adamw_kernel import address
+from lmcore.train.adamw_kernel import adamw_math, address
 
 
 @triton.jit
@@ -83,12 +83,7 @@ def adamw8bit_update(p_ptr, g_ptr, mq_ptr, ms_ptr, vq_ptr, vs_ptr, rows, numel, 
         vs = tl.load(vs_ptr + rows)
     m = tl.load(m_code + mq) * ms[:, None]  # dequantize
     v = tl.load(v_code + vq) * vs[:, None]
-    p = p * decay  # decoupled weight decay
-    diff = g - m  # lerp the way torch rounds it: from the nearer end
-    m = tl.where(w1 < 0.5, m + w1 * diff, g - diff * (1.0 - w1))
-    v = v * beta2 + (w2 * g) * g
-    denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
-    p = p + tl.div_rn(neg_step * m, denom)
+    p, m, v = adamw_math(p, g, m, v, decay, w1, beta2, w2, neg_step, bias2_sqrt, eps)
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
     if MASKED:  # the padding of the last block quantizes zeros, as the torch path does
         m = tl.where(mask, m, 0.0)

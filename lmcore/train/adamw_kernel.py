@@ -18,6 +18,17 @@ def address(table, j, like, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def adamw_math(p, g, m, v, decay, w1, beta2, w2, neg_step, bias2_sqrt, eps):
+    """One AdamW step of float32 values, rounded as ``torch.optim.AdamW`` rounds it: new (p, m, v)."""
+    p = p * decay  # decoupled weight decay
+    diff = g - m  # lerp the way torch rounds it: from the nearer end
+    m = tl.where(w1 < 0.5, m + w1 * diff, g - diff * (1.0 - w1))
+    v = v * beta2 + (w2 * g) * g
+    denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
+    return p + tl.div_rn(neg_step * m, denom), m, v
+
+
+@triton.jit
 def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, offs, numel, decay, w1, beta2, w2, neg_step, bias2_sqrt, eps,
                  MASKED: tl.constexpr):
     """AdamW on the values at ``offs``; MASKED: only those below ``numel`` (a tensor's last chunk)."""
@@ -26,12 +37,7 @@ def adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, offs, numel, decay, w1, beta2, w2, 
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-    p = p * decay  # decoupled weight decay
-    diff = g - m  # lerp the way torch rounds it: from the nearer end
-    m = tl.where(w1 < 0.5, m + w1 * diff, g - diff * (1.0 - w1))
-    v = v * beta2 + (w2 * g) * g
-    denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
-    p = p + tl.div_rn(neg_step * m, denom)
+    p, m, v = adamw_math(p, g, m, v, decay, w1, beta2, w2, neg_step, bias2_sqrt, eps)
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)

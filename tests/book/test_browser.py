@@ -77,10 +77,6 @@ def test_check_catches_a_missing_image(tmp_path):
 
 
 # --- the book as a reader meets it, offline (issue 17) ---------------------------------------------
-# Chapters that do not pass the reader checks yet (stray scalar outputs, code blocks that scroll
-# sideways, figures under half the text width). Each is being brought to the standard; this set must
-# shrink to empty, and a chapter not in it fails test_chapter_reads_cleanly.
-PENDING_CHAPTERS: set[str] = set()
 PAGES = [f"{entry}.html" for entry in toc_files(ROOT)]
 CHAPTER_PAGES = [p for p in PAGES if p.endswith(".html") and (ROOT / p.replace(".html", ".ipynb")).is_file()]
 
@@ -90,11 +86,6 @@ def offline_reading(built_book):
     """Every page of the built book read with the network cut off; screenshots in _build/screenshots."""
     html, _ = built_book
     return read_like_a_reader(html, PAGES, screenshots=ROOT / "_build" / "screenshots")
-
-
-def test_pending_chapters_are_chapters():
-    stems = {p.split("/")[-1].removesuffix(".html") for p in CHAPTER_PAGES}
-    assert PENDING_CHAPTERS <= stems, f"PENDING_CHAPTERS names what is not a chapter: {PENDING_CHAPTERS - stems}"
 
 
 def test_math_is_typeset_offline_in_chapter_2(offline_reading):
@@ -117,10 +108,6 @@ def test_no_page_shows_raw_tex_or_needs_the_network(offline_reading, page):
 @pytest.mark.parametrize("page", CHAPTER_PAGES)
 def test_chapter_reads_cleanly(offline_reading, page):
     problems = reader_problems(offline_reading[page])
-    stem = page.split("/")[-1].removesuffix(".html")
-    if stem in PENDING_CHAPTERS:
-        assert problems, f"{stem} reads cleanly now: remove it from PENDING_CHAPTERS"
-        pytest.skip(f"{stem} is pending the reader standard ({len(problems)} problems)")
     assert not problems, f"{page}:\n" + "\n".join(problems)
 
 

@@ -191,9 +191,6 @@ def test_the_repository_is_the_one_in_config():
 
 
 # --- the reader standard for code cells (issue 17) ---------------------------------------------------------------
-# Chapters that do not meet the code-cell standard yet. Each one is being brought to it; this set must
-# shrink to empty, and a chapter not in it fails the checks below.
-PENDING_CODE_CELLS: set[str] = set()
 MAX_CODE_COLUMNS = 88  # the widest code line a page shows without scrolling sideways
 MAX_SHOWN_LINES = 25  # longer cells hide their plumbing (hide-input) or move it into lmcore
 HIDDEN_TAGS = {"hide-input", "hide-cell", "remove-input", "remove-cell"}
@@ -229,22 +226,9 @@ def long_shown_cells(path: Path, limit: int = MAX_SHOWN_LINES) -> list[str]:
     return found
 
 
-def pending(stem: str, problems: list[str], summary: str) -> None:
-    """Skip a pending chapter that still has problems; fail one that has none, so the set shrinks."""
-    assert problems, f"{stem} meets the code-cell standard now: remove it from PENDING_CODE_CELLS"
-    pytest.skip(f"{stem} is pending the code-cell standard ({summary})")
-
-
-def test_pending_code_cells_names_only_chapters():
-    unknown = PENDING_CODE_CELLS - {p.stem for p in NOTEBOOKS}
-    assert not unknown, f"PENDING_CODE_CELLS names chapters that do not exist: {sorted(unknown)}"
-
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_code_lines_fit_the_page(path):
     found = wide_code_lines(path)
-    if path.stem in PENDING_CODE_CELLS:
-        pending(path.stem, found + long_shown_cells(path), f"{len(found)} lines too wide")
     assert not found, (f"{path.name}: code lines over {MAX_CODE_COLUMNS} characters scroll sideways on the "
                        "page; wrap them:\n" + "\n".join(found))
 
@@ -252,8 +236,6 @@ def test_code_lines_fit_the_page(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_shown_code_cells_are_short(path):
     found = long_shown_cells(path)
-    if path.stem in PENDING_CODE_CELLS:
-        pending(path.stem, found + wide_code_lines(path), f"{len(found)} shown cells too long")
     assert not found, (f"{path.name}: shown code cells over {MAX_SHOWN_LINES} lines; move the plumbing into "
                        "lmcore or tag the cell hide-input:\n" + "\n".join(found))
 

@@ -120,22 +120,19 @@ class AdamW8bit(KeepsStateDtypes, torch.optim.Optimizer):
     def _step_fused(self, params: list, scalars: tuple, quantized: bool) -> None:
         """Every parameter of ``params`` (one step count, dtype and device) in one kernel launch: the 8-bit
         kernel for quantized moments, AdamW's for float32 ones (small and 1-D parameters)."""
-        from lmcore.train.multi_tensor import AddressTable  # imported here: lmcore.train imports lmcore.optim
+        from lmcore.train.multi_tensor import cached_table  # imported here: lmcore.train imports lmcore.optim
         from lmcore.train.optim import BLOCK, _adamw_multi_tensor_
 
         keys = ("exp_avg_q", "exp_avg_scale", "exp_avg_sq_q", "exp_avg_sq_scale") if quantized else \
             ("exp_avg", "exp_avg_sq")
         operands = [[p, p.grad, *(self.state[p][k] for k in keys)] for p in params]
         rows = max(1, ROWS_OF_BLOCKS // self.block)  # quantization blocks per program
-        key = (quantized, *map(id, params))
-        if key not in self._tables:
-            if len(self._tables) >= 16:  # the parameter sets come and go: keep the cache bounded
-                self._tables.clear()
-            self._tables[key] = AddressTable(rows * self.block if quantized else BLOCK)
+        chunk = rows * self.block if quantized else BLOCK
+        cache = cached_table(self._tables, (quantized, *map(id, params)), chunk)
         if not quantized:
-            _adamw_multi_tensor_(self._tables[key], operands, *scalars)
+            _adamw_multi_tensor_(cache, operands, *scalars)
             return
-        table, chunks, n, aligned = self._tables[key].get(operands)
+        table, chunks, n, aligned = cache.get(operands)
         if chunks.numel() == 0:
             return
         p, g, mq, ms = operands[0][:4]

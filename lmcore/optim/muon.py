@@ -170,15 +170,11 @@ class Muon(KeepsStateDtypes, torch.optim.Optimizer):
                 adamw_(p, p.grad, m, v, step=state["step"], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                        weight_decay=wd)
         for (t, _, _), operands in by_step.items():  # one launch of AdamW's multi-tensor kernel each
-            from lmcore.train.multi_tensor import AddressTable  # here: lmcore.train imports lmcore.optim
+            from lmcore.train.multi_tensor import cached_table  # here: lmcore.train imports lmcore.optim
             from lmcore.train.optim import BLOCK, _adamw_multi_tensor_
 
-            key = tuple(id(ops[0]) for ops in operands)
-            if key not in self._tables:
-                if len(self._tables) >= 16:  # the parameter sets come and go: keep the cache bounded
-                    self._tables.clear()
-                self._tables[key] = AddressTable(BLOCK)
-            _adamw_multi_tensor_(self._tables[key], operands, 1 - lr * wd, 1 - beta1, beta2, 1 - beta2,
+            table = cached_table(self._tables, tuple(id(ops[0]) for ops in operands), BLOCK)
+            _adamw_multi_tensor_(table, operands, 1 - lr * wd, 1 - beta1, beta2, 1 - beta2,
                                  -lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t), eps)
 
     def _fuse(self, p, state) -> bool:

@@ -57,3 +57,13 @@ class AddressTable:
             table = table.pin_memory().to(device, non_blocking=True)
             chunks = chunks.pin_memory().to(device, non_blocking=True)
         return table, chunks, len(numels), all(a % 16 == 0 for a in addresses)
+
+
+def cached_table(tables: dict, key, chunk: int, limit: int = 16) -> AddressTable:
+    """``tables[key]``, an :class:`AddressTable` of ``chunk``-value chunks made when missing. The cache is
+    emptied once it holds ``limit`` tables: the parameter lists it serves come and go."""
+    if key not in tables:
+        if len(tables) >= limit:
+            tables.clear()
+        tables[key] = AddressTable(chunk)
+    return tables[key]

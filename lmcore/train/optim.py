@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from lmcore.train.multi_tensor import AddressTable
+from lmcore.train.multi_tensor import AddressTable, cached_table
 from lmcore.utils import closure_loss
 
 
@@ -98,12 +98,8 @@ class AdamW(torch.optim.Optimizer):
             else:
                 by_dtype.setdefault(p.dtype, []).append([p, g, m, v])
         for operands in by_dtype.values():
-            key = tuple(map(id, (ops[0] for ops in operands)))
-            if key not in self._tables:
-                if len(self._tables) >= 16:  # the parameter sets come and go: keep the cache bounded
-                    self._tables.clear()
-                self._tables[key] = AddressTable(BLOCK)
-            _adamw_multi_tensor_(self._tables[key], operands, *scalars)
+            table = cached_table(self._tables, tuple(id(ops[0]) for ops in operands), BLOCK)
+            _adamw_multi_tensor_(table, operands, *scalars)
         if rest:
             self._update(rest, t, group, foreach=False)
 

@@ -103,10 +103,11 @@ if triton is not None:
                     N_SEL: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
         """O, LSE of one (BT tokens x G heads) tile over a key range (N_SEL == 0) or its selected blocks.
 
-        With SPLIT, program ``s`` of the third grid axis takes only key tiles ``s * split_tiles`` to
-        ``(s + 1) * split_tiles`` and stores its unnormalised partial sums for :func:`_combine_kernel`:
-        ``O`` is then (splits, rows, D) float32 and ``L`` (2, splits, rows) holds the running max
-        and the sum of exponentials (split-K, for few queries over many keys: decoding).
+        Program ``s`` of the third grid axis takes key tiles ``s * split_tiles`` to
+        ``(s + 1) * split_tiles``. With SPLIT (several such programs: split-K, for few queries over
+        many keys) it stores its unnormalised partial sums for :func:`_combine_kernel`: ``O`` is then
+        (splits, rows, D) float32 and ``L`` (2, splits, rows) holds the running max and the sum of
+        exponentials.
         """
         t0 = tl.program_id(0) * BT
         bkv = tl.program_id(1)
@@ -146,12 +147,17 @@ if triton is not None:
             tl.store(L + base // head_dim, lse, mask=ok)
 
     @triton.jit
-    def _combine_kernel(O_PART, ML, O, L, n_rows, n_split, head_dim, BR: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """O and LSE of BR rows from the partial sums of :func:`_fwd_kernel`'s key splits."""
-        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    def _row_block(n_rows, head_dim, BR: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """Rows (int64), their validity, and element offsets and mask of BR rows of a (rows, D) tensor."""
+        rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
         cols = tl.arange(0, HEAD_DIM)
         ok = rows < n_rows
-        m = ok[:, None] & (cols[None, :] < head_dim)
+        return rows, ok, rows[:, None] * head_dim + cols[None, :], ok[:, None] & (cols[None, :] < head_dim)
+
+    @triton.jit
+    def _combine_kernel(O_PART, ML, O, L, n_rows, n_split, head_dim, BR: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """O and LSE of BR rows from the partial sums of :func:`_fwd_kernel`'s key splits."""
+        rows, ok, at, m = _row_block(n_rows, head_dim, BR, HEAD_DIM)
         m_all = tl.full([BR], float("-inf"), tl.float32)
         for s in range(n_split):
             m_all = tl.maximum(m_all, tl.load(ML + s * n_rows + rows, mask=ok, other=float("-inf")))
@@ -161,12 +167,10 @@ if triton is not None:
         for s in range(n_split):
             w = tl.exp2(tl.load(ML + s * n_rows + rows, mask=ok, other=float("-inf")) - m_safe)
             l_all += w * tl.load(ML + (n_split + s) * n_rows + rows, mask=ok, other=0.0)
-            part = tl.load(O_PART + (s * n_rows + rows.to(tl.int64))[:, None] * head_dim + cols[None, :], mask=m,
-                           other=0.0)
-            acc += w[:, None] * part
+            acc += w[:, None] * tl.load(O_PART + s * n_rows * head_dim + at, mask=m, other=0.0)
         seen = l_all > 0
         out = acc / tl.where(seen, l_all, 1.0)[:, None]
-        tl.store(O + rows.to(tl.int64)[:, None] * head_dim + cols[None, :], out.to(O.dtype.element_ty), mask=m)
+        tl.store(O + at, out.to(O.dtype.element_ty), mask=m)
         lse = tl.where(seen, (m_all + tl.log2(tl.where(seen, l_all, 1.0))) * 0.6931471805599453, float("inf"))
         tl.store(L + rows, lse, mask=ok)
 
@@ -340,18 +344,10 @@ if triton is not None:
 
 
     @triton.jit
-    def _mix_rows(n_rows, head_dim, BR: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """Element offsets, mask, gate offsets and row validity of BR rows of a (rows, D) tensor."""
-        rows = tl.program_id(0) * BR + tl.arange(0, BR)
-        cols = tl.arange(0, HEAD_DIM)
-        ok = rows < n_rows
-        at = rows.to(tl.int64)[:, None] * head_dim + cols[None, :]
-        return at, ok[:, None] & (cols[None, :] < head_dim), rows.to(tl.int64) * 3, ok
-
-    @triton.jit
     def _mix_fwd_kernel(O1, O2, O3, GATE, OUT, n_rows, head_dim, BR: tl.constexpr, HEAD_DIM: tl.constexpr):
         """out = g0 o1 + g1 o2 + g2 o3 over (rows, D) branch outputs and (rows, 3) gates, in float32."""
-        at, m, gat, ok = _mix_rows(n_rows, head_dim, BR, HEAD_DIM)
+        rows, ok, at, m = _row_block(n_rows, head_dim, BR, HEAD_DIM)
+        gat = rows * 3  # (rows, 3) gates
         out = tl.load(GATE + gat, mask=ok, other=0.0).to(tl.float32)[:, None] * tl.load(O1 + at, mask=m, other=0.0)
         out += tl.load(GATE + gat + 1, mask=ok, other=0.0).to(tl.float32)[:, None] * tl.load(O2 + at, mask=m, other=0.0)
         out += tl.load(GATE + gat + 2, mask=ok, other=0.0).to(tl.float32)[:, None] * tl.load(O3 + at, mask=m, other=0.0)
@@ -368,7 +364,8 @@ if triton is not None:
     def _mix_bwd_kernel(O1, O2, O3, GATE, DOUT, D1, D2, D3, DGATE, n_rows, head_dim, BR: tl.constexpr,
                         HEAD_DIM: tl.constexpr):
         """Gradients of :func:`_mix_fwd_kernel`'s output with respect to the three outputs and the gates."""
-        at, m, gat, ok = _mix_rows(n_rows, head_dim, BR, HEAD_DIM)
+        rows, ok, at, m = _row_block(n_rows, head_dim, BR, HEAD_DIM)
+        gat = rows * 3
         dout = tl.load(DOUT + at, mask=m, other=0.0).to(tl.float32)
         _mix_grad(O1, GATE + gat, D1, DGATE + gat, dout, at, m, ok)
         _mix_grad(O2, GATE + gat + 1, D2, DGATE + gat + 1, dout, at, m, ok)
@@ -448,7 +445,7 @@ def attn_forward(q, k, v, scale: float, q_off: int, block: int, idx=None, window
         out = torch.empty((n_split, o.numel() // d, d), device=q.device, dtype=torch.float32)
         ml = torch.empty((2, n_split, o.numel() // d), device=q.device, dtype=torch.float32)
     _fwd_kernel[grid + (n_split,)](q, k, v, out, ml, idx if idx is not None else q, hq, hkv, tq, n_keys,
-                                   q_off, d, per if n_split > 1 else 1 << 30, QK_SCALE=scale * LOG2E, BK=block,
+                                   q_off, d, per, QK_SCALE=scale * LOG2E, BK=block,
                                    N_SEL=idx.shape[-1] if idx is not None else 0, SPLIT=n_split > 1,
                                    **tiles, **meta, **opts)
     if n_split > 1:
@@ -554,11 +551,11 @@ class _GroupAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def _mix_launch(o1, head_dim: int) -> tuple[int, dict]:
-    n_rows = o1.numel() // head_dim
-    br = max(1, 4096 // triton.next_power_of_2(head_dim))
-    return n_rows, dict(BR=br, HEAD_DIM=max(16, triton.next_power_of_2(head_dim)),
-                        grid=(triton.cdiv(n_rows, br),))
+def _mix_launch(o1) -> tuple[tuple, int, dict]:
+    """(grid, rows, block sizes) of a gated-sum kernel over (..., D) outputs: about 4096 values a program."""
+    d = o1.shape[-1]
+    n_rows, br = o1.numel() // d, max(1, 4096 // triton.next_power_of_2(d))
+    return (triton.cdiv(n_rows, br),), n_rows, dict(BR=br, HEAD_DIM=max(16, triton.next_power_of_2(d)))
 
 
 class _GatedSum(torch.autograd.Function):
@@ -568,8 +565,7 @@ class _GatedSum(torch.autograd.Function):
     def forward(ctx, o1, o2, o3, gates):
         o1, o2, o3, gates = o1.contiguous(), o2.contiguous(), o3.contiguous(), gates.contiguous()
         out = torch.empty_like(o1)
-        n_rows, meta = _mix_launch(o1, o1.shape[-1])
-        grid = meta.pop("grid")
+        grid, n_rows, meta = _mix_launch(o1)
         _mix_fwd_kernel[grid](o1, o2, o3, gates, out, n_rows, o1.shape[-1], **meta)
         ctx.save_for_backward(o1, o2, o3, gates)
         return out
@@ -580,8 +576,7 @@ class _GatedSum(torch.autograd.Function):
         dout = dout.contiguous()
         d1, d2, d3 = torch.empty_like(o1), torch.empty_like(o2), torch.empty_like(o3)
         dgates = torch.empty_like(gates)
-        n_rows, meta = _mix_launch(o1, o1.shape[-1])
-        grid = meta.pop("grid")
+        grid, n_rows, meta = _mix_launch(o1)
         _mix_bwd_kernel[grid](o1, o2, o3, gates, dout, d1, d2, d3, dgates, n_rows, o1.shape[-1], **meta)
         return d1, d2, d3, dgates
 

@@ -10,11 +10,14 @@ the ``muon-optimizer`` package when importable) on the same parameters, timed in
   steps (so the refreshes of Shampoo and SOAP are counted in proportion), and the state bytes;
 - ``train``: a whole training step (forward, backward, clipping, step) with each optimizer.
 
-The comparison: a gpt2-small-shape model trained on the Python standard library's sources
-(``stdlib-source``, read offline; a BPE tokenizer trained on it), first a short learning-rate grid
+The comparison: a gpt2-small-shape model trained on Python sources (``python-source``: the
+standard library's and the installed packages' ``.py`` files, read offline, the first 200 MB; a BPE
+tokenizer trained on them), first a short learning-rate grid
 per optimizer, then one longer run each at its best rate with the same token budget. Each finished
 run is added to ``--results`` at once (atomically), and runs already there are skipped, so the
 comparison can be spread over several calls; ``--time-budget`` stops starting new runs in time.
+Continuing a results file with other data, model or batch settings is refused: its runs would no
+longer be comparable.
 ``--quick`` runs either at toy size on CPU.
 """
 
@@ -254,17 +257,22 @@ def compare(args, prov: dict) -> dict:
         with open(args.results, encoding="utf-8") as f:
             payload = json.load(f)
     payload.setdefault("settings", {})
+    model_config = (ModelConfig.preset("tiny", vocab_size=max(args.vocab_size, 512)) if args.quick
+                    else ModelConfig.preset(args.model))
+    fixed = dict(corpus=args.corpus, corpus_bytes=args.corpus_bytes, vocab_size=args.vocab_size,
+                 model=model_config.to_dict(), batch=args.batch)
+    changed = [k for k, v in fixed.items() if k in payload["settings"] and payload["settings"][k] != v]
+    if payload["runs"] and changed:
+        raise ValueError(f"{args.results} holds runs with other settings ({', '.join(changed)}: "
+                         f"{', '.join(repr(payload['settings'][k]) for k in changed)}); "
+                         "continue with those settings or name a new --results file")
     data_dir = args.data_dir or os.path.join("runs", "optim-data")
     data = prepare_corpus(data_dir, args.corpus, args.corpus_bytes, args.vocab_size)
     from lmcore.train import load_tokens
 
-    model_config = (ModelConfig.preset("tiny", vocab_size=max(args.vocab_size, 512)) if args.quick
-                    else ModelConfig.preset(args.model))
-    payload["settings"].update(command=prov.get("command"), corpus=args.corpus,
-                               corpus_bytes=args.corpus_bytes, vocab_size=args.vocab_size,
+    payload["settings"].update(command=prov.get("command"), **fixed,
                                train_tokens=int(len(load_tokens(data["train.npy"]))),
-                               val_tokens=int(len(load_tokens(data["val.npy"]))),
-                               model=model_config.to_dict(), batch=args.batch)
+                               val_tokens=int(len(load_tokens(data["val.npy"]))))
     names = args.optimizers.split(",")
     grid_lrs = [float(v) for v in args.lrs.split(",")]
     best = summarize(payload["runs"])["best_lr"]
@@ -315,8 +323,8 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--final-tokens", type=int, default=30_000_000)
     p.add_argument("--evals", type=int, default=20, help="validation evaluations per run")
     p.add_argument("--model", default="gpt2-small-shape")
-    p.add_argument("--corpus", default="stdlib-source")
-    p.add_argument("--corpus-bytes", type=int, default=None)
+    p.add_argument("--corpus", default="python-source")
+    p.add_argument("--corpus-bytes", type=int, default=200_000_000)
     p.add_argument("--vocab-size", type=int, default=16384)
     p.add_argument("--data-dir", default=None, help="where the token files go (default: runs/optim-data)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in the comparison runs")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lmcore.bench import BENCHMARKS
 from lmcore.bench.__main__ import main as bench_main
 from lmcore.bench.optim import NAMES, main, summarize
@@ -31,7 +33,7 @@ def test_comparison_runs_grid_then_final_and_resumes(tmp_path):
               "--corpus-bytes", "60000", "--vocab-size", "300", "--batch", "4", "--evals", "2",
               "--data-dir", str(tmp_path / "data")]
     grid = main(common + ["--phase", "grid", "--lrs", "3e-3,1e-2", "--grid-tokens", "2048"])
-    assert len(grid["runs"]) == 4 and grid["settings"]["corpus"] == "stdlib-source"
+    assert len(grid["runs"]) == 4 and grid["settings"]["corpus"] == "python-source"
     assert grid["settings"]["train_tokens"] > 10_000
     assert set(grid["summary"]["best_lr"]) == {"adamw", "muon"}
     again = main(common + ["--phase", "grid", "--lrs", "3e-3,1e-2", "--grid-tokens", "2048"])
@@ -43,6 +45,10 @@ def test_comparison_runs_grid_then_final_and_resumes(tmp_path):
     assert summary["adamw"]["minus_adamw"] == 0 and summary["adamw"]["steps_fraction_of_adamw"] == 1.0
     assert all(r["val_curve"] and r["state_bytes"] > 0 for r in finals)
     assert json.loads(results.read_text())["summary"] == final["summary"]
+    before = results.read_bytes()
+    with pytest.raises(ValueError, match=r"other settings \(batch: 4\)"):
+        main([*common[:-6], "--batch", "8", *common[-4:], "--phase", "final", "--final-tokens", "4096"])
+    assert results.read_bytes() == before  # refused before any work
 
 
 def test_summary_finds_steps_to_adamws_loss():

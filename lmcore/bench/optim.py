@@ -47,6 +47,15 @@ TARGETS = {  # (metric, bound, "max" or "min")
     "Shampoo training step / AdamW training step": ("shampoo_train_vs_adamw", 1.3, "max"),
 }
 
+#: The comparison's targets, on its final runs: (optimizer, its entry in the summary, bound); all "at most".
+#: ``steps_fraction_of_adamw``: steps to reach AdamW's final validation loss over AdamW's steps;
+#: ``gap_to_adamw``: the distance of the final validation loss from AdamW's, in nats.
+COMPARE_TARGETS = {
+    "Muon steps to AdamW's final loss / AdamW's steps": ("muon", "steps_fraction_of_adamw", 0.75),
+    "SOAP steps to AdamW's final loss / AdamW's steps": ("soap", "steps_fraction_of_adamw", 0.75),
+    "AdamW8bit final loss, distance from AdamW's (nats)": ("adamw8bit", "gap_to_adamw", 0.02),
+}
+
 
 def _sync(device) -> None:
     if device.type == "cuda":
@@ -217,7 +226,8 @@ def one_run(name: str, lr: float, tokens: int, data: dict, model_config: ModelCo
 
 def summarize(runs: list[dict]) -> dict:
     """Best learning rate per optimizer (grid), and for the final runs: steps and seconds to reach
-    AdamW's final validation loss, as fractions of AdamW's."""
+    AdamW's final validation loss, as fractions of AdamW's, and the targets (:data:`COMPARE_TARGETS`;
+    ``met`` is None without the final runs it needs, False for one that never reached AdamW's loss)."""
     best = {}
     for r in runs:
         if r["phase"] == "grid" and r["final_val_loss"] is not None:
@@ -225,19 +235,24 @@ def summarize(runs: list[dict]) -> dict:
                 best[r["optimizer"]] = r
     out = {"best_lr": {n: r["lr"] for n, r in best.items()}, "final": {}}
     finals = {r["optimizer"]: r for r in runs if r["phase"] == "final"}
-    if "adamw" not in finals:
-        return out
-    target = finals["adamw"]["final_val_loss"]
-    base = finals["adamw"]["val_curve"][-1]
-    for name, r in finals.items():
-        reach = next((p for p in r["val_curve"] if p["val_loss"] <= target), None)
-        out["final"][name] = {
-            "final_val_loss": r["final_val_loss"], "minus_adamw": r["final_val_loss"] - target,
-            "steps_to_adamw_loss": reach["iter"] if reach else None,
-            "steps_fraction_of_adamw": reach["iter"] / base["iter"] if reach else None,
-            "seconds_fraction_of_adamw": (reach["seconds"] / base["seconds"]
-                                          if reach and base["seconds"] else None),
-            "state_bytes": r["state_bytes"]}
+    if "adamw" in finals:
+        target = finals["adamw"]["final_val_loss"]
+        base = finals["adamw"]["val_curve"][-1]
+        for name, r in finals.items():
+            reach = next((p for p in r["val_curve"] if p["val_loss"] <= target), None)
+            out["final"][name] = {
+                "final_val_loss": r["final_val_loss"], "minus_adamw": r["final_val_loss"] - target,
+                "gap_to_adamw": abs(r["final_val_loss"] - target),
+                "steps_to_adamw_loss": reach["iter"] if reach else None,
+                "steps_fraction_of_adamw": reach["iter"] / base["iter"] if reach else None,
+                "seconds_fraction_of_adamw": (reach["seconds"] / base["seconds"]
+                                              if reach and base["seconds"] else None),
+                "state_bytes": r["state_bytes"]}
+    out["targets"] = {}
+    for label, (name, key, bound) in COMPARE_TARGETS.items():
+        value = out["final"].get(name, {}).get(key)
+        met = None if name not in out["final"] else value is not None and value <= bound
+        out["targets"][label] = {"value": value, "bound": bound, "kind": "max", "met": met}
     return out
 
 

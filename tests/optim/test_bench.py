@@ -61,3 +61,21 @@ def test_summary_finds_steps_to_adamws_loss():
     s = summarize(runs)["final"]
     assert s["muon"]["steps_to_adamw_loss"] == 20 and s["muon"]["steps_fraction_of_adamw"] == 0.5
     assert abs(s["muon"]["minus_adamw"] + 0.2) < 1e-12
+
+
+def test_comparison_targets_say_met_missed_or_not_run():
+    curve = lambda losses: [{"iter": 10 * (i + 1), "val_loss": v, "seconds": float(i + 1)}  # noqa: E731
+                            for i, v in enumerate(losses)]
+    final = lambda name, losses: {"phase": "final", "optimizer": name, "lr": 1e-3,  # noqa: E731
+                                  "final_val_loss": losses[-1], "state_bytes": 8, "val_curve": curve(losses)}
+    runs = [final("adamw", [5, 4, 3.5, 3.0]), final("muon", [4.5, 3.0, 2.9, 2.8]),
+            final("soap", [5, 4, 3.6, 3.1]), final("adamw8bit", [5, 4, 3.5, 3.03])]
+    t = summarize(runs)["targets"]
+    muon, soap, a8 = (t[k] for k in ("Muon steps to AdamW's final loss / AdamW's steps",
+                                     "SOAP steps to AdamW's final loss / AdamW's steps",
+                                     "AdamW8bit final loss, distance from AdamW's (nats)"))
+    assert muon == {"value": 0.5, "bound": 0.75, "kind": "max", "met": True}
+    assert soap["value"] is None and soap["met"] is False  # never reached AdamW's loss
+    assert abs(a8["value"] - 0.03) < 1e-12 and a8["met"] is False
+    none_yet = summarize(runs[1:])["targets"]  # no AdamW final run: nothing to compare with
+    assert all(v["met"] is None and v["value"] is None for v in none_yet.values())

@@ -112,6 +112,19 @@ def orthonormal_columns(a: torch.Tensor, method: str = "cholesky") -> torch.Tens
     return q
 
 
+#: The sides of a matrix parameter that can carry a Kronecker factor (Shampoo, SOAP).
+SIDES = ("left", "right")
+
+
+def stacks(ps: list, state: dict, budget: int) -> list[list]:
+    """Same-shaped matrix parameters ``ps`` (with the same sides factored) cut into stacks stepped
+    together: each parameter counts its own size or its factors', whichever is larger, and a stack
+    holds at most ``budget`` of them (see :func:`chunks`)."""
+    first = state[ps[0]]
+    size = max(ps[0].numel(), sum(first[s].numel() for s in SIDES if s in first))
+    return chunks(ps, [size] * len(ps), budget)
+
+
 def chunks(items: list, sizes: list[int], budget: int) -> list[list]:
     """``items`` cut into consecutive runs whose ``sizes`` add up to at most ``budget`` (at least one
     item a run): stacks no larger than the largest parameter keep a step's temporaries as they were."""

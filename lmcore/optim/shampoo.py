@@ -27,8 +27,8 @@ from collections import defaultdict
 
 import torch
 
-from lmcore.optim.base import (KeepsStateDtypes, adam_direction, adam_group_defaults, as_matrix, check_range,
-                               chunks, symmetric_eigh)
+from lmcore.optim.base import (SIDES, KeepsStateDtypes, adam_direction, adam_group_defaults, as_matrix,
+                               check_range, stacks, symmetric_eigh)
 from lmcore.utils import closure_loss
 
 
@@ -83,13 +83,11 @@ class Shampoo(KeepsStateDtypes, torch.optim.Optimizer):
                     continue
                 state = self._init_state(p, group)
                 state["step"] += 1
-                sides = tuple(s in state for s in ("left", "right"))
+                sides = tuple(s in state for s in SIDES)
                 buckets[(tuple(p.shape), sides, state["step"])].append(p)
             budget = max((p.numel() for ps in buckets.values() for p in ps), default=0)
             for (_, sides, t), ps in buckets.items():
-                state = self.state[ps[0]]
-                size = max(ps[0].numel(), sum(state[s].numel() for s in ("left", "right") if s in state))
-                for stack in chunks(ps, [size] * len(ps), budget):
+                for stack in stacks(ps, self.state, budget):
                     self._step_bucket(stack, group, t, any(sides))
         return loss
 
@@ -122,7 +120,7 @@ class Shampoo(KeepsStateDtypes, torch.optim.Optimizer):
             if "right" in state:
                 state["right"].lerp_(G.T @ G, 1 - beta2)  # (n, n)
         M = torch.stack([as_matrix(m).float() for m in ms])  # (k, m, n)
-        for side in ("left", "right"):
+        for side in SIDES:
             if side not in states[0]:
                 continue
             if (t - 1) % group["precondition_frequency"] == 0:

@@ -35,11 +35,10 @@ from collections import defaultdict
 
 import torch
 
-from lmcore.optim.base import (KeepsStateDtypes, adam_group_defaults, as_matrix, check_range, chunks,
-                               orthonormal_columns, symmetric_eigh)
+from lmcore.optim.base import (SIDES, KeepsStateDtypes, adam_group_defaults, as_matrix, check_range,
+                               orthonormal_columns, stacks, symmetric_eigh)
 from lmcore.utils import closure_loss
 
-SIDES = ("left", "right")
 QR_METHODS = ("cholesky", "householder")
 
 
@@ -140,9 +139,7 @@ class SOAP(KeepsStateDtypes, torch.optim.Optimizer):
             budget = max((p.numel() for p in ps), default=0)
             for bucket in buckets.values():
                 if bucket[0].ndim >= 2:
-                    state = self.state[bucket[0]]
-                    size = max(bucket[0].numel(), sum(state[s].numel() for s in SIDES if s in state))
-                    for stack in chunks(bucket, [size] * len(bucket), budget):
+                    for stack in stacks(bucket, self.state, budget):
                         self._step_matrices(stack, group)
                 else:
                     for p in bucket:

@@ -97,6 +97,14 @@ if triton is not None:
         return kidx
 
     @triton.jit
+    def _normalized(acc, m, l):
+        """Output rows and natural-log LSE from a softmax's running max ``m`` (log2 units), sum of
+        exponentials ``l`` and unnormalised output ``acc``; a row that saw no key gets 0 and +inf."""
+        seen = l > 0
+        out = acc / tl.where(seen, l, 1.0)[:, None]
+        return out, tl.where(seen, (m + tl.log2(tl.where(seen, l, 1.0))) * 0.6931471805599453, float("inf"))
+
+    @triton.jit
     def _fwd_kernel(Q, K, V, O, L, IDX, n_q_heads, n_kv_heads, tq, n_keys, q_off, head_dim, split_tiles,
                     QK_SCALE: tl.constexpr, G: tl.constexpr, BT: tl.constexpr, BG: tl.constexpr, BK: tl.constexpr,
                     HEAD_DIM: tl.constexpr, KS: tl.constexpr, KO: tl.constexpr, WINDOW: tl.constexpr,
@@ -140,10 +148,8 @@ if triton is not None:
             tl.store(L + part + base // head_dim, m_i, mask=ok)
             tl.store(L + (tl.num_programs(2) + split).to(tl.int64) * n_rows + base // head_dim, l_i, mask=ok)
         else:
-            seen = l_i > 0
-            out = acc / tl.where(seen, l_i, 1.0)[:, None]
+            out, lse = _normalized(acc, m_i, l_i)
             tl.store(O + base[:, None] + offs_d[None, :], out.to(O.dtype.element_ty), mask=mask)
-            lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("inf"))
             tl.store(L + base // head_dim, lse, mask=ok)
 
     @triton.jit
@@ -168,10 +174,8 @@ if triton is not None:
             w = tl.exp2(tl.load(ML + s * n_rows + rows, mask=ok, other=float("-inf")) - m_safe)
             l_all += w * tl.load(ML + (n_split + s) * n_rows + rows, mask=ok, other=0.0)
             acc += w[:, None] * tl.load(O_PART + s * n_rows * head_dim + at, mask=m, other=0.0)
-        seen = l_all > 0
-        out = acc / tl.where(seen, l_all, 1.0)[:, None]
+        out, lse = _normalized(acc, m_all, l_all)
         tl.store(O + at, out.to(O.dtype.element_ty), mask=m)
-        lse = tl.where(seen, (m_all + tl.log2(tl.where(seen, l_all, 1.0))) * 0.6931471805599453, float("inf"))
         tl.store(L + rows, lse, mask=ok)
 
     @triton.jit

@@ -285,9 +285,14 @@ def compare(args, prov: dict) -> dict:
     data = prepare_corpus(data_dir, args.corpus, args.corpus_bytes, args.vocab_size)
     from lmcore.train import load_tokens
 
-    payload["settings"].update(command=prov.get("command"), **fixed,
-                               train_tokens=int(len(load_tokens(data["train.npy"]))),
-                               val_tokens=int(len(load_tokens(data["val.npy"]))))
+    counts = {"train_tokens": int(len(load_tokens(data["train.npy"]))),
+              "val_tokens": int(len(load_tokens(data["val.npy"])))}
+    differ = [k for k, v in counts.items() if k in payload["settings"] and payload["settings"][k] != v]
+    if payload["runs"] and differ:  # the same name read another environment's files
+        raise ValueError(f"{args.results} was recorded on {payload['settings'][differ[0]]} "
+                         f"{differ[0].replace('_', ' ')}, the data prepared here has {counts[differ[0]]}: "
+                         "the corpus differs in this environment; name a new --results file")
+    payload["settings"].update(command=prov.get("command"), **fixed, **counts)
     names = args.optimizers.split(",")
     grid_lrs = [float(v) for v in args.lrs.split(",")]
     best = summarize(payload["runs"])["best_lr"]

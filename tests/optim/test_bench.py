@@ -49,6 +49,11 @@ def test_comparison_runs_grid_then_final_and_resumes(tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(batch: 4\)"):
         main([*common[:-6], "--batch", "8", *common[-4:], "--phase", "final", "--final-tokens", "4096"])
     assert results.read_bytes() == before  # refused before any work
+    recorded = json.loads(before)
+    recorded["settings"]["train_tokens"] += 1  # as if another environment's files had been read
+    results.write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match=r"the corpus differs in this environment"):
+        main(common + ["--phase", "final", "--final-tokens", "4096"])
 
 
 def test_summary_finds_steps_to_adamws_loss():

@@ -15,7 +15,9 @@ standard library's and the installed packages' ``.py`` files, read offline, the 
 tokenizer trained on them), first a short learning-rate grid
 per optimizer, then one longer run each at its best rate with the same token budget. Each finished
 run is added to ``--results`` at once (atomically), and runs already there are skipped, so the
-comparison can be spread over several calls; ``--time-budget`` stops starting new runs in time.
+comparison can be spread over several calls; ``--time-budget`` stops starting new runs in time,
+and ``--stop-after`` cuts a run longer than one call: it saves a checkpoint under ``--data-dir``
+and stops, and the same command continues it wherever that folder is kept.
 Continuing a results file with other data, model or batch settings is refused: its runs would no
 longer be comparable.
 ``--quick`` runs either at toy size on CPU.
@@ -27,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -197,7 +200,13 @@ def _wall_clock(history: list[dict], tokens_per_iter: int) -> list[tuple[int, fl
 
 
 def one_run(name: str, lr: float, tokens: int, data: dict, model_config: ModelConfig, batch: int,
-            device: str, evals: int, compile_: bool) -> dict:
+            device: str, evals: int, compile_: bool, work_dir: str | None = None,
+            deadline: float | None = None) -> dict | None:
+    """One training run of the comparison. With ``work_dir`` and ``deadline`` (a
+    ``time.perf_counter()`` value) it runs in segments: a short one that measures the speed, then as
+    many steps as fit before the deadline; a run not finished by then leaves its checkpoint in
+    ``work_dir`` and returns None, and the next call resumes it from there (bit for bit the run it
+    would have been)."""
     from lmcore.train import TrainConfig, load_tokens, train
 
     tokens_per_iter = batch * model_config.context_length
@@ -207,21 +216,67 @@ def one_run(name: str, lr: float, tokens: int, data: dict, model_config: ModelCo
                       warmup_iters=max(1, iters // 20), eval_interval=max(1, iters // evals),
                       eval_iters=10 if device != "cpu" else 2, log_interval=max(1, iters // (4 * evals)),
                       device=device, compile=compile_, progress=False, optimizer=name,
-                      optimizer_options=options)
-    t0 = time.perf_counter()
-    result = train(model_config, cfg, load_tokens(data["train.npy"]), load_tokens(data["val.npy"]))
+                      optimizer_options=options, out_dir=work_dir)
+    train_tokens, val_tokens = load_tokens(data["train.npy"]), load_tokens(data["val.npy"])
+    unfinished = work_dir is not None and os.path.exists(os.path.join(work_dir, "seconds.json"))
+    if deadline is None and not unfinished:  # in one piece: no checkpoint written
+        cfg.out_dir = None
+        t0 = time.perf_counter()
+        result = train(model_config, cfg, train_tokens, val_tokens)
+        seconds = time.perf_counter() - t0
+    else:
+        result, seconds = _segments(cfg, model_config, train_tokens, val_tokens,
+                                    math.inf if deadline is None else deadline)
+        if result is None:
+            return None
+    # segment ends add evaluations off the run's grid: keep the grid's, as an unbroken run has them
+    on_grid = lambda r: r["iter"] % cfg.eval_interval == 0 or r["iter"] == iters  # noqa: E731
     clock = dict(_wall_clock(result.history, tokens_per_iter))
     curve = [{"iter": r["iter"], "tokens": r["iter"] * tokens_per_iter, "val_loss": r["val_loss"],
               "seconds": clock.get(r["iter"], max([s for i, s in clock.items() if i <= r["iter"]],
                                                   default=0.0))}
-             for r in result.history if "val_loss" in r]
-    train_curve = [{"iter": r["iter"], "loss": r["loss"]} for r in result.history if "loss" in r]
+             for r in result.history if "val_loss" in r and on_grid(r)]
+    train_curve = [{"iter": r["iter"], "loss": r["loss"]} for r in result.history
+                   if "loss" in r and (r["iter"] % cfg.log_interval == 0 or r["iter"] == iters)]
     memory = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     return {"optimizer": name, "lr": lr, "tokens": iters * tokens_per_iter, "iterations": iters,
             "batch": batch,
             "final_val_loss": result.final_val_loss, "val_curve": curve, "train_curve": train_curve,
             "state_bytes": state_bytes(result.optimizer), "peak_memory_bytes": memory,
-            "seconds_total": time.perf_counter() - t0, "optimizer_options": options}
+            "seconds_total": seconds, "optimizer_options": options}
+
+
+def _segments(cfg, model_config, train_tokens, val_tokens, deadline: float):
+    """``(result, seconds)`` of a run trained in segments up to ``deadline``; ``(None, None)`` when
+    it stopped unfinished (its checkpoint and the seconds spent so far stay in ``cfg.out_dir``)."""
+    from lmcore.train import train
+    from lmcore.utils import atomic_write
+
+    ckpt, spent_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "seconds.json")
+    done, spent = 0, 0.0
+    if os.path.exists(spent_path):  # written after the checkpoint of the segment it counts
+        with open(spent_path, encoding="utf-8") as f:
+            done, spent = (lambda d: (d["iteration"], d["seconds"]))(json.load(f))
+    per_iter = None
+    while True:
+        if per_iter is None:  # a short segment measures the speed
+            stop = min(cfg.max_iters, done + max(1, cfg.max_iters // 50))
+        elif deadline == math.inf:
+            stop = cfg.max_iters
+        else:
+            stop = min(cfg.max_iters, done + int((deadline - time.perf_counter()) / per_iter))
+        if stop <= done:
+            return None, None
+        t0 = time.perf_counter()
+        result = train(model_config, cfg, train_tokens, val_tokens, resume=ckpt if done else None,
+                       stop_at=stop)
+        elapsed = time.perf_counter() - t0
+        per_iter = 1.5 * elapsed / (stop - done)  # start-up, evaluation and the checkpoint included
+        done, spent = result.iteration, spent + elapsed
+        with atomic_write(spent_path) as f:
+            json.dump({"iteration": done, "seconds": spent}, f)
+        if done >= cfg.max_iters:
+            return result, spent
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -304,6 +359,7 @@ def compare(args, prov: dict) -> dict:
     if missing:
         raise ValueError(f"no grid run of {missing} in {args.results}: run --phase grid first")
     start = time.perf_counter()
+    deadline = None if args.stop_after is None else start + args.stop_after
     for phase, name, lr, tokens in plan:
         if any((r["phase"], r["optimizer"], r["lr"], r["tokens_asked"]) == (phase, name, lr, tokens)
                for r in payload["runs"]):
@@ -311,12 +367,21 @@ def compare(args, prov: dict) -> dict:
         if time.perf_counter() - start > args.time_budget:
             payload["stopped"] = f"time budget of {args.time_budget} s spent; run the same command again"
             break
-        run = one_run(name, lr, tokens, data, model_config, args.batch, device, args.evals, args.compile)
+        work = os.path.join(data_dir, "unfinished", f"{phase}-{name}-lr{lr:g}-{tokens}")
+        run = one_run(name, lr, tokens, data, model_config, args.batch, device, args.evals, args.compile,
+                      work_dir=work, deadline=deadline)
+        if run is None:
+            payload["stopped"] = (f"{phase} run of {name} at lr {lr:g} unfinished after --stop-after "
+                                  f"{args.stop_after:g} s; its checkpoint is in {work}: the same command "
+                                  "continues it where that folder is")
+            break
         run.update(phase=phase, tokens_asked=tokens, provenance=prov,
                    passes_over_data=run["tokens"] / payload["settings"]["train_tokens"])
         payload["runs"].append(run)
         payload["summary"] = summarize(payload["runs"])
         _save(args.results, payload)  # each run kept as soon as it lands
+        if os.path.isdir(work):  # its checkpoint is no longer needed
+            shutil.rmtree(work)
         if device == "cuda":
             torch.cuda.empty_cache()
     else:
@@ -349,6 +414,9 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--data-dir", default=None, help="where the token files go (default: runs/optim-data)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model in the comparison runs")
     p.add_argument("--time-budget", type=float, default=480.0, help="seconds after which no new run starts")
+    p.add_argument("--stop-after", type=float, default=None,
+                   help="seconds after which a run still going saves a checkpoint (under --data-dir) and "
+                        "stops; the same command continues it (default: runs are never cut)")
     args = p.parse_args(argv)
     from lmcore.bench import provenance
 

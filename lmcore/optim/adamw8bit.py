@@ -142,11 +142,15 @@ class AdamW8bit(KeepsStateDtypes, torch.optim.Optimizer):
         m_code, m_ext, v_code, v_ext = self._codes[p.device]
         _kernel()[(chunks.numel(),)](
             table, chunks, n, p, g, mq, ms, m_code, m_ext, v_code, v_ext, *map(float, scalars),
-            BLOCK=self.block, ROWS=rows, ALIGNED=aligned, num_warps=8)
+            BLOCK=self.block, ROWS=rows, ALIGNED=aligned, num_warps=max(1, min(8, chunk // 256)))
 
 
-#: Values per program of the fused kernel (whole quantization blocks; one block if larger).
-ROWS_OF_BLOCKS = 2048
+#: Values per program of the fused kernel (whole quantization blocks; one block if larger), run by
+#: one warp per 256 values. Small programs of one warp won over larger ones of several warps on an
+#: H200: a block's largest magnitude is then found inside one warp, with no barrier between warps,
+#: and many small programs hide the latency of the code-book lookups (``python -m lmcore.bench
+#: optim`` times the step).
+ROWS_OF_BLOCKS = 256
 
 
 def _search_table(code: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:

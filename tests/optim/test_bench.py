@@ -56,6 +56,27 @@ def test_comparison_runs_grid_then_final_and_resumes(tmp_path):
         main(common + ["--phase", "final", "--final-tokens", "4096"])
 
 
+def test_a_run_cut_by_stop_after_continues_to_the_run_it_would_have_been(tmp_path):
+    data = tmp_path / "data"
+    common = ["--compare", "--quick", "--optimizers", "muon", "--corpus-bytes", "60000", "--vocab-size", "300",
+              "--batch", "4", "--evals", "4", "--data-dir", str(data), "--phase", "grid", "--lrs", "3e-3",
+              "--grid-tokens", "8192"]
+    whole = main(common + ["--results", str(tmp_path / "whole.json")])["runs"][0]
+    cut_file = str(tmp_path / "cut.json")
+    cut = main(common + ["--results", cut_file, "--stop-after", "0"])
+    assert cut["runs"] == [] and "unfinished after --stop-after 0 s" in cut["stopped"]
+    assert list((data / "unfinished").iterdir())  # the checkpoint waits there
+    again = main(common + ["--results", cut_file, "--stop-after", "0"])  # one more short segment
+    assert again["runs"] == []
+    done = main(common + ["--results", cut_file])["runs"][0]  # no limit: the rest of the run
+    assert "stopped" not in json.loads((tmp_path / "cut.json").read_text())
+    assert done["iterations"] == whole["iterations"] and done["final_val_loss"] == whole["final_val_loss"]
+    assert [(p["iter"], p["val_loss"]) for p in done["val_curve"]] == \
+        [(p["iter"], p["val_loss"]) for p in whole["val_curve"]]
+    assert [p["loss"] for p in done["train_curve"]] == [p["loss"] for p in whole["train_curve"]]
+    assert not list((data / "unfinished").iterdir())  # removed once the run is recorded
+
+
 def test_summary_finds_steps_to_adamws_loss():
     curve = lambda losses: [{"iter": 10 * (i + 1), "val_loss": v, "seconds": float(i + 1)}  # noqa: E731
                             for i, v in enumerate(losses)]

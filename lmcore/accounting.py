@@ -177,8 +177,9 @@ def memory_peaks(config: ModelConfig, batch: int, seq: int | None = None, dtype:
     The step's memory is highest at one of three moments, each counted from what is alive then:
 
     - **the loss's backward** (the first thing backward does): every saved activation, no weight
-      gradient yet but the output head's. Without ``loss_chunk`` the float32 logits, saved by the
-      loss, and three temporaries of their gradient. With it, ``chunked_cross_entropy`` holds its
+      gradient yet but the output head's. Without ``loss_chunk`` the float32 log-probabilities
+      saved by the loss's log-softmax, and the two gradients its backward holds at once: that of
+      the log-probabilities (from the loss) and that of the logits. With it, ``chunked_cross_entropy`` holds its
       float32 gradient of the head (V, d), the gradient of the hidden states (N, d), the bf16 copy of
       the head, and the temporaries of one chunk counted line by line (``_chunk_temporaries``): a
       chunk's logits, their float32 copy, the softmax, the gradient of the logits, and, from the
@@ -219,8 +220,8 @@ def memory_peaks(config: ModelConfig, batch: int, seq: int | None = None, dtype:
     blocks = checkpointed_blocks(checkpointing, c.n_layers)
     saved = [4 * n * d if i in blocks else layer + layer_casts for i in range(c.n_layers)]
     activations = sum(saved) + head + head_cast
-    if loss_chunk is None:  # float32 logits saved by the loss + three temporaries of its gradient
-        logits = 4 * n * V + 3 * 4 * n * V
+    if loss_chunk is None:  # float32 log-probabilities saved by the loss + two gradients in its backward
+        logits = 4 * n * V + 2 * 4 * n * V
     else:  # one chunk's temporaries, the float32 gradients of the head (V, d) and of the hidden states (N, d)
         logits = _chunk_temporaries(n, V, d, a, loss_chunk) + 4 * V * d + 4 * n * d
     fixed = weights + opt + buffers

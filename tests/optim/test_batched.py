@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lmcore.optim import SOAP, SOAPLowBit, Shampoo, inverse_root
+from lmcore.optim import base
 from lmcore.optim.base import orthonormal_columns
 from tests.optim.test_references import grads, params, run
 
@@ -21,7 +22,11 @@ OPTIMIZERS = {
 }
 
 
-def test_cholesky_qr_is_householder_qr_up_to_column_signs():
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_cholesky_qr_is_householder_qr_up_to_column_signs(one_at_a_time, monkeypatch):
+    """Batched, and with each Gram matrix factored alone (as the widest are)."""
+    if one_at_a_time:
+        monkeypatch.setattr(base, "CHOLESKY_ONE_AT_A_TIME", 48)
     torch.manual_seed(0)
     a = torch.randn(4, 48, 48)
     a[1] = a[1] @ torch.diag(torch.logspace(0, -4, 48))  # graded columns

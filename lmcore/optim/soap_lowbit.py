@@ -8,8 +8,8 @@ steps changes, through the quantizer of AdamW8bit (:mod:`lmcore.optim.quantize`)
     bases Q_L, Q_R        (``quantize_bases=True``) signed dynamic code at 8 bits, then one
                           orthogonalization step  Q <- Q (3 I - Q^T Q) / 2  after dequantizing
 
-At 4 bits the moments cost a quarter of their float32 size's eighth: 0.5 byte per value plus the
-block scales. The factors ``L`` and ``R`` stay float32: their small eigenvalues matter, and they
+At 4 bits a moment costs an eighth of its float32 size: 0.5 byte per value, plus the block
+scales. The factors ``L`` and ``R`` stay float32: their small eigenvalues matter, and they
 are what the bases are recomputed from.
 """
 

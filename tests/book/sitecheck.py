@@ -114,11 +114,22 @@ def check_site(html_dir: Path, pages: list[str], screenshots: Path | None = None
 
 # --- reading a page as a reader does (issue 17) ---------------------------------------------------
 # Waits for MathJax (if the page loads it) to typeset, then returns what the page shows.
+# The page's MathJax script can still be on its way when the page reports it has loaded (a busy
+# machine): wait for it to start, up to 20 s, before calling it absent.
 WAIT_FOR_MATH_JS = """
 const done = arguments[arguments.length - 1];
-const mj = window.MathJax;
-if (!mj || !mj.startup || !mj.startup.promise) { done(mj ? 'not started' : 'absent'); return; }
-mj.startup.promise.then(() => done('typeset'), (e) => done('failed: ' + e));
+const loads = !!document.querySelector('script[src*="mathjax"], script[src*="MathJax"]');
+const start = Date.now();
+(function wait() {
+  const mj = window.MathJax;
+  if (mj && mj.startup && mj.startup.promise) {
+    mj.startup.promise.then(() => done('typeset'), (e) => done('failed: ' + e));
+  } else if (!loads || Date.now() - start > 20000) {
+    done(mj ? 'not started' : 'absent');
+  } else {
+    setTimeout(wait, 50);
+  }
+})();
 """
 READ_PAGE_JS = """
 const article = document.querySelector('article.bd-article') || document.body;

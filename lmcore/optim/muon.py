@@ -11,11 +11,14 @@ with matrix products only (no SVD)::
 Each step maps a singular value ``s`` to ``a s + b s^3 + c s^5``; the coefficients push every value
 from (0, 1] into about [0.7, 1.2] in five steps (not exactly 1: speed is bought with precision,
 which the update does not need). On a GPU the products run in bfloat16 on tensor cores, and all
-matrices of one shape, or of its transpose, are stacked in their wide orientation and iterated
-together (one batched product instead of many). There each step is three batched products, the
-sums folded into them (``baddbmm``: ``beta * input + alpha * (batch1 @ batch2)``)::
+matrices of one shape, or of its transpose, are stacked and iterated together (one batched product
+instead of many), in the orientation most of them have, so that most are read and written without
+a transposition. There each step is three batched products, the sums folded into them
+(``baddbmm``: ``beta * input + alpha * (batch1 @ batch2)``); a wide stack (rows <= columns) takes
+the Gram matrix of its rows, a tall one of its columns, the smaller one either way::
 
-    A = X X^T;    B = b A + c A A;    X <- a X + B X
+    wide:  A = X X^T;   B = b A + c A A;   X <- a X + B X
+    tall:  A = X^T X;   B = b A + c A A;   X <- a X + X B        (the same iteration on X^T)
 
 The step for a matrix parameter ``W`` (m x n) with gradient ``G``::
 
@@ -48,29 +51,28 @@ def newton_schulz(B: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = N
     """The approximately orthogonal factor of each matrix in ``B`` (..., m, n), computed in ``dtype``
     (``fold``: see :func:`orthogonalize_`)."""
     X = B.to(dtype or B.dtype)
-    tall = X.shape[-2] > X.shape[-1]
-    if tall:  # iterate on the wide orientation: X X^T is then the smaller Gram matrix
-        X = X.mT
-    X = orthogonalize_(X.reshape(-1, *X.shape[-2:]).clone(), steps, fold).view(X.shape)
-    return X.mT if tall else X
+    return orthogonalize_(X.reshape(-1, *X.shape[-2:]).clone(), steps, fold).view(X.shape)
 
 
 def orthogonalize_(X: torch.Tensor, steps: int, fold: bool | None = None) -> torch.Tensor:
-    """Newton-Schulz in place on a stack ``X`` (k, m, n) of wide matrices (m <= n); returns the result.
+    """Newton-Schulz in place on a stack ``X`` (k, m, n); returns the result. A wide stack (m <= n)
+    iterates with the (m, m) Gram matrix of its rows, a tall one with the (n, n) one of its columns.
 
     ``fold`` (default: on CUDA) folds the sums into the products (``baddbmm``): three kernels per step
     and one rounding of each sum instead of one per term. Unfolded, each term is rounded on its own,
     as the reference implementation does (in bfloat16 the two differ by its rounding)."""
     a, b, c = NS_COEFFICIENTS
     fold = X.is_cuda if fold is None else fold
+    tall = X.shape[-2] > X.shape[-1]
     X.div_(X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values <= 1
     for _ in range(steps):
-        A = torch.bmm(X, X.mT)  # (k, m, m)
+        A = torch.bmm(X.mT, X) if tall else torch.bmm(X, X.mT)  # the smaller Gram matrix
         if fold:
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A
-            X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
-        else:
-            X = a * X + (b * A + c * A @ A) @ X
+            X = torch.baddbmm(X, X, B, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)  # a X + X B | B X
+        else:  # a tall stack multiplies as its transpose would, like the reference, one rounding per term
+            B = b * A + c * A @ A
+            X = a * X + ((B @ X.mT).mT if tall else B @ X)
     return X
 
 
@@ -122,7 +124,8 @@ class Muon(KeepsStateDtypes, torch.optim.Optimizer):
         return loss
 
     def _muon(self, group, params: list) -> None:
-        """One Muon step of a group's matrices: those of one shape or its transpose iterate as one batch."""
+        """One Muon step of a group's matrices: those of one shape or its transpose iterate as one batch,
+        in the orientation most of them have (the others are transposed into it and back)."""
         mu = group["momentum"]
         for p in params:
             if not self.state[p]:
@@ -137,19 +140,21 @@ class Muon(KeepsStateDtypes, torch.optim.Optimizer):
             torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
         for (m, n, device, _), same in by_shape.items():
             dtype = self.ns_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-            X = torch.empty((len(same), m, n), dtype=dtype, device=device)  # (k, m, n) wide matrices
+            tall = 2 * sum(as_matrix(p).shape[0] > m for p, _ in same) > len(same)
+            shape = (n, m) if tall else (m, n)
+            X = torch.empty((len(same), *shape), dtype=dtype, device=device)  # (k, *shape)
             for x, (p, buf) in zip(X, same):  # the Nesterov momentum (or the momentum), cast and stacked
-                x = x.mT if as_matrix(p).shape[0] > m else x
+                x = x.mT if as_matrix(p).shape != shape else x
                 if group["nesterov"]:
                     torch.lerp(as_matrix(p.grad), as_matrix(buf), mu, out=x.view_as(as_matrix(p)))
                 else:
                     x.view_as(as_matrix(p)).copy_(as_matrix(buf))
             X = orthogonalize_(X, group["ns_steps"])
-            for tall in (False, True):
-                ps = [(p, x) for (p, _), x in zip(same, X) if (as_matrix(p).shape[0] > m) == tall]
+            for flip in (False, True):  # those in the stack's orientation, then the transposed ones
+                ps = [(p, x) for (p, _), x in zip(same, X) if (as_matrix(p).shape != shape) == flip]
                 if ps:
-                    step = group["lr"] * update_scale(n if tall else m, m if tall else n, group["scale"])
-                    torch._foreach_add_([p for p, _ in ps], [(x.mT if tall else x).view_as(p) for p, x in ps],
+                    step = group["lr"] * update_scale(*as_matrix(ps[0][0]).shape, group["scale"])
+                    torch._foreach_add_([p for p, _ in ps], [(x.mT if flip else x).view_as(p) for p, x in ps],
                                         alpha=-step)
 
     def _adam(self, group, params: list) -> None:

@@ -35,7 +35,8 @@ def test_a_matrix_and_its_transpose_iterate_as_one_batch(monkeypatch):
     opt = Muon([{"params": ps[:5], "use_muon": True}, {"params": ps[5:], "use_muon": False}], lr=0.02)
     set_grads(ps, 0)
     opt.step()
-    assert sorted(stacks) == [(1, 2, 48), (1, 16, 16), (3, 16, 48)]  # (2, 8, 6) is the matrix 2 x 48
+    # (2, 8, 6) is the matrix 2 x 48; two of the three 16 x 48 or 48 x 16 matrices are tall: a tall stack
+    assert sorted(stacks) == [(1, 2, 48), (1, 16, 16), (3, 48, 16)]
 
 
 @pytest.mark.parametrize("scale", ["rms", "spectral"])
@@ -54,6 +55,16 @@ def test_batched_step_equals_each_matrix_alone(scale):
     for a, b in zip(together, alone):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert max((a - b).abs().max().item() for a, b in zip(together, params(SHAPES[:5]))) > 0.01
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_a_tall_stack_iterates_as_its_transpose_would(fold):
+    """Tall matrices use the Gram matrix of their columns: the same iteration as on the transpose."""
+    torch.manual_seed(0)
+    B = torch.randn(3, 40, 24, dtype=torch.float64)
+    tall = orthogonalize_(B.clone(), 5, fold=fold)
+    wide = orthogonalize_(B.mT.contiguous(), 5, fold=fold).mT
+    torch.testing.assert_close(tall, wide, rtol=1e-12, atol=1e-12)
 
 
 def test_folded_newton_schulz_equals_the_term_by_term_one():

@@ -179,8 +179,8 @@ def memory_peaks(config: ModelConfig, batch: int, seq: int | None = None, dtype:
     - **the loss's backward** (the first thing backward does): every saved activation, no weight
       gradient yet but the output head's. Without ``loss_chunk`` the float32 log-probabilities
       saved by the loss's log-softmax, and the two gradients its backward holds at once: that of
-      the log-probabilities (from the loss) and that of the logits. With it, ``chunked_cross_entropy`` holds its
-      float32 gradient of the head (V, d), the gradient of the hidden states (N, d), the bf16 copy of
+      the log-probabilities (from the loss) and that of the logits. With it,
+      ``chunked_cross_entropy`` holds its float32 gradient of the head (V, d), the gradient of the hidden states (N, d), the bf16 copy of
       the head, and the temporaries of one chunk counted line by line (``_chunk_temporaries``): a
       chunk's logits, their float32 copy, the softmax, the gradient of the logits, and, from the
       second chunk on, the previous chunk's softmax and gradient, which live until their names are

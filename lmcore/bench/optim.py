@@ -212,15 +212,15 @@ def one_run(name: str, lr: float, tokens: int, data: dict, model_config: ModelCo
     tokens_per_iter = batch * model_config.context_length
     iters = max(2, tokens // tokens_per_iter)
     options = {"precondition_frequency": 10} if name in ("shampoo", "soap", "soap-lowbit") else {}
+    unfinished = work_dir is not None and os.path.exists(os.path.join(work_dir, "seconds.json"))
+    segmented = work_dir is not None and (deadline is not None or unfinished)
     cfg = TrainConfig(batch_size=batch, max_iters=iters, lr=lr, min_lr=lr / 10,
                       warmup_iters=max(1, iters // 20), eval_interval=max(1, iters // evals),
                       eval_iters=10 if device != "cpu" else 2, log_interval=max(1, iters // (4 * evals)),
                       device=device, compile=compile_, progress=False, optimizer=name,
-                      optimizer_options=options, out_dir=work_dir)
+                      optimizer_options=options, out_dir=work_dir if segmented else None)
     train_tokens, val_tokens = load_tokens(data["train.npy"]), load_tokens(data["val.npy"])
-    unfinished = work_dir is not None and os.path.exists(os.path.join(work_dir, "seconds.json"))
-    if deadline is None and not unfinished:  # in one piece: no checkpoint written
-        cfg.out_dir = None
+    if not segmented:  # in one piece: no checkpoint written
         t0 = time.perf_counter()
         result = train(model_config, cfg, train_tokens, val_tokens)
         seconds = time.perf_counter() - t0
@@ -256,7 +256,8 @@ def _segments(cfg, model_config, train_tokens, val_tokens, deadline: float):
     done, spent = 0, 0.0
     if os.path.exists(spent_path):  # written after the checkpoint of the segment it counts
         with open(spent_path, encoding="utf-8") as f:
-            done, spent = (lambda d: (d["iteration"], d["seconds"]))(json.load(f))
+            saved = json.load(f)
+        done, spent = saved["iteration"], saved["seconds"]
     per_iter = None
     while True:
         if per_iter is None:  # a short segment measures the speed
@@ -280,7 +281,7 @@ def _segments(cfg, model_config, train_tokens, val_tokens, deadline: float):
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Best learning rate per optimizer (grid), and for the final runs: steps and seconds to reach
+    """Best learning rate per optimizer (grid) and that run's loss, and for the final runs: steps and seconds to reach
     AdamW's final validation loss, as fractions of AdamW's, and the targets (:data:`COMPARE_TARGETS`;
     ``met`` is None without the final runs it needs, False for one that never reached AdamW's loss)."""
     best = {}
@@ -288,7 +289,8 @@ def summarize(runs: list[dict]) -> dict:
         if r["phase"] == "grid" and r["final_val_loss"] is not None:
             if r["optimizer"] not in best or r["final_val_loss"] < best[r["optimizer"]]["final_val_loss"]:
                 best[r["optimizer"]] = r
-    out = {"best_lr": {n: r["lr"] for n, r in best.items()}, "final": {}}
+    out = {"best_lr": {n: r["lr"] for n, r in best.items()},
+           "best_grid_loss": {n: r["final_val_loss"] for n, r in best.items()}, "final": {}}
     finals = {r["optimizer"]: r for r in runs if r["phase"] == "final"}
     if "adamw" in finals:
         target = finals["adamw"]["final_val_loss"]

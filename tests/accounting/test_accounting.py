@@ -93,22 +93,22 @@ def test_memory_estimate_counts_the_unchunked_losss_arrays_where_they_dominate()
 
 
 def _recorded_comparison_runs():
+    """(model settings, run) of one run per optimizer: the peak does not depend on the learning rate."""
     import json
     from pathlib import Path
 
     path = Path(__file__).parents[2] / "book" / "results" / "optim-h200-compare.json"
     data = json.loads(path.read_text())
     seen = {}
-    for run in data["runs"]:  # one run per optimizer: the peak does not depend on the learning rate
+    for run in data["runs"]:
         seen.setdefault(run["optimizer"], run)
-    return data["settings"], [pytest.param(r, id=name) for name, r in seen.items()]
+    return [pytest.param(data["settings"], r, id=name) for name, r in seen.items()]
 
 
-@pytest.mark.parametrize("run", _recorded_comparison_runs()[1])
-def test_memory_estimate_matches_each_optimizers_recorded_h200_peak(run):
+@pytest.mark.parametrize("settings, run", _recorded_comparison_runs())
+def test_memory_estimate_matches_each_optimizers_recorded_h200_peak(settings, run):
     """The optimizer comparison's training runs (gpt2-small shape, bf16 autocast, book/results with
     provenance): the peak each optimizer's run reached against the estimate for it."""
-    settings = _recorded_comparison_runs()[0]
     config = ModelConfig(**settings["model"])
     est = memory_estimate(config, run["batch"], config.context_length, "bfloat16", run["optimizer"],
                           optimizer_options=run["optimizer_options"])["total"]

@@ -223,10 +223,10 @@ def one_run(name: str, lr: float, tokens: int, data: dict, model_config: ModelCo
     if not segmented:  # in one piece: no checkpoint written
         t0 = time.perf_counter()
         result = train(model_config, cfg, train_tokens, val_tokens)
-        seconds = time.perf_counter() - t0
+        seconds, segments = time.perf_counter() - t0, 1
     else:
-        result, seconds = _segments(cfg, model_config, train_tokens, val_tokens,
-                                    math.inf if deadline is None else deadline)
+        result, seconds, segments = _segments(cfg, model_config, train_tokens, val_tokens,
+                                              math.inf if deadline is None else deadline)
         if result is None:
             return None
     # segment ends add evaluations off the run's grid: keep the grid's, as an unbroken run has them
@@ -243,12 +243,14 @@ def one_run(name: str, lr: float, tokens: int, data: dict, model_config: ModelCo
             "batch": batch,
             "final_val_loss": result.final_val_loss, "val_curve": curve, "train_curve": train_curve,
             "state_bytes": state_bytes(result.optimizer), "peak_memory_bytes": memory,
-            "seconds_total": seconds, "optimizer_options": options}
+            "seconds_total": seconds, "optimizer_options": options, "segments": segments}
 
 
 def _segments(cfg, model_config, train_tokens, val_tokens, deadline: float):
-    """``(result, seconds)`` of a run trained in segments up to ``deadline``; ``(None, None)`` when
-    it stopped unfinished (its checkpoint and the seconds spent so far stay in ``cfg.out_dir``)."""
+    """``(result, seconds, segments)`` of a run trained in segments up to ``deadline``; ``(None, None,
+    segments)`` when it stopped unfinished (its checkpoint and the seconds spent so far stay in
+    ``cfg.out_dir``). One segment's model and optimizer are freed before the next is built, so the
+    peak memory of a run in segments is one segment's."""
     from lmcore.train import train
     from lmcore.utils import atomic_write
 
@@ -258,7 +260,7 @@ def _segments(cfg, model_config, train_tokens, val_tokens, deadline: float):
         with open(spent_path, encoding="utf-8") as f:
             saved = json.load(f)
         done, spent = saved["iteration"], saved["seconds"]
-    per_iter = None
+    per_iter, segments = None, 0
     while True:
         if per_iter is None:  # a short segment measures the speed
             stop = min(cfg.max_iters, done + max(1, cfg.max_iters // 50))
@@ -267,17 +269,19 @@ def _segments(cfg, model_config, train_tokens, val_tokens, deadline: float):
         else:
             stop = min(cfg.max_iters, done + int((deadline - time.perf_counter()) / per_iter))
         if stop <= done:
-            return None, None
+            return None, None, segments
+        result = None  # the last segment's model and optimizer go before the next segment's come
         t0 = time.perf_counter()
         result = train(model_config, cfg, train_tokens, val_tokens, resume=ckpt if done else None,
                        stop_at=stop)
+        segments += 1
         elapsed = time.perf_counter() - t0
         per_iter = 1.5 * elapsed / (stop - done)  # start-up, evaluation and the checkpoint included
         done, spent = result.iteration, spent + elapsed
         with atomic_write(spent_path) as f:
             json.dump({"iteration": done, "seconds": spent}, f)
         if done >= cfg.max_iters:
-            return result, spent
+            return result, spent, segments
 
 
 def summarize(runs: list[dict]) -> dict:

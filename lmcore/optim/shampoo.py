@@ -15,8 +15,9 @@ roots are recomputed every ``precondition_frequency`` steps, from an eigendecomp
 Grafting takes the direction from Shampoo and the size from Adam: per parameter, the update is
 Shampoo's direction rescaled to the norm of Adam's step ``m_hat / (sqrt(v_hat) + eps)``, so
 AdamW's schedule carries over. Its learning rate need not: the same norm in another direction is
-another step, and Shampoo's loss can jump at a rate where AdamW's does not. A side longer than ``max_precond_dim``
-gets no factor (identity); with no factor at all, or for a 1-D parameter, the update is Adam's.
+another step, and Shampoo's loss can jump at a rate where AdamW's does not. A side longer than
+``max_precond_dim`` gets no factor (identity); with no factor at all, or for a 1-D parameter, the
+update is Adam's.
 
 Parameters of one shape are stacked: one batched product per side for the preconditioning, one
 batched ``eigh`` per factor size at a refresh, and the grafting norms without a host round trip.

@@ -26,6 +26,7 @@ longer be comparable.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -221,12 +222,13 @@ def one_run(name: str, lr: float, tokens: int, data: dict, model_config: ModelCo
                       optimizer_options=options, out_dir=work_dir if segmented else None)
     train_tokens, val_tokens = load_tokens(data["train.npy"]), load_tokens(data["val.npy"])
     if not segmented:  # in one piece: no checkpoint written
+        held = _held_before_training()
         t0 = time.perf_counter()
         result = train(model_config, cfg, train_tokens, val_tokens)
         seconds, segments = time.perf_counter() - t0, 1
     else:
-        result, seconds, segments = _segments(cfg, model_config, train_tokens, val_tokens,
-                                              math.inf if deadline is None else deadline)
+        result, seconds, segments, held = _segments(cfg, model_config, train_tokens, val_tokens,
+                                                    math.inf if deadline is None else deadline)
         if result is None:
             return None
     # segment ends add evaluations off the run's grid: keep the grid's, as an unbroken run has them
@@ -243,14 +245,24 @@ def one_run(name: str, lr: float, tokens: int, data: dict, model_config: ModelCo
             "batch": batch,
             "final_val_loss": result.final_val_loss, "val_curve": curve, "train_curve": train_curve,
             "state_bytes": state_bytes(result.optimizer), "peak_memory_bytes": memory,
-            "seconds_total": seconds, "optimizer_options": options, "segments": segments}
+            "seconds_total": seconds, "optimizer_options": options, "segments": segments,
+            "memory_held_before_bytes": held}
+
+
+def _held_before_training() -> int | None:
+    """GPU bytes still allocated as a training run (or segment) starts, after collecting what earlier
+    ones left in reference cycles: the run's recorded peak counts these too, so a sound record has
+    next to none."""
+    gc.collect()
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else None
 
 
 def _segments(cfg, model_config, train_tokens, val_tokens, deadline: float):
-    """``(result, seconds, segments)`` of a run trained in segments up to ``deadline``; ``(None, None,
-    segments)`` when it stopped unfinished (its checkpoint and the seconds spent so far stay in
-    ``cfg.out_dir``). One segment's model and optimizer are freed before the next is built, so the
-    peak memory of a run in segments is one segment's."""
+    """``(result, seconds, segments, held)`` of a run trained in segments up to ``deadline``, ``held``
+    the bytes allocated as its last segment started; ``(None, None, segments, None)`` when it stopped
+    unfinished (its checkpoint and the seconds spent so far stay in ``cfg.out_dir``). One segment's
+    model and optimizer are freed (and collected) before the next is built, so the peak memory of a
+    run in segments is one segment's."""
     from lmcore.train import train
     from lmcore.utils import atomic_write
 
@@ -269,8 +281,9 @@ def _segments(cfg, model_config, train_tokens, val_tokens, deadline: float):
         else:
             stop = min(cfg.max_iters, done + int((deadline - time.perf_counter()) / per_iter))
         if stop <= done:
-            return None, None, segments
+            return None, None, segments, None
         result = None  # the last segment's model and optimizer go before the next segment's come
+        held = _held_before_training()
         t0 = time.perf_counter()
         result = train(model_config, cfg, train_tokens, val_tokens, resume=ckpt if done else None,
                        stop_at=stop)
@@ -281,7 +294,7 @@ def _segments(cfg, model_config, train_tokens, val_tokens, deadline: float):
         with atomic_write(spent_path) as f:
             json.dump({"iteration": done, "seconds": spent}, f)
         if done >= cfg.max_iters:
-            return result, spent, segments
+            return result, spent, segments, held
 
 
 def summarize(runs: list[dict]) -> dict:

@@ -38,15 +38,24 @@ def test_sparse_model_trains(backend, options):
 
 
 def test_nsa_model_trains_then_decodes_with_its_kv_cache_like_the_full_sequence():
-    """A model trained with NSA samples with NSA: cached decoding equals recomputing everything."""
+    """A model trained with NSA samples with NSA: cached decoding equals recomputing everything.
+
+    It trains and samples through the definition (``impl="torch"``: on a CPU the kernels run in the
+    interpreter, minutes for these steps); the same weights under the kernels (``"auto"``) give the
+    definition's logits, one cached token at a time as over the whole sequence."""
     from lmcore.generate import generate
     from lmcore.nn import KVCache
 
     opts = {"cmp_block": 8, "cmp_stride": 4, "sel_block": 16, "top_n": 2, "window": 8, "n_local": 1}
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, context_length=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                      d_ff=64, attention_backend="nsa", attention_options=opts)
-    m = TransformerLM(cfg)
+
+    def nsa_model(impl):
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=64, context_length=64, d_model=32, n_layers=2, n_heads=4,
+                          n_kv_heads=2, d_ff=64, attention_backend="nsa",
+                          attention_options={**opts, "impl": impl})
+        return cfg, TransformerLM(cfg)
+
+    cfg, m = nsa_model("torch")
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     ids = torch.randint(0, 64, (4, 48), generator=torch.Generator().manual_seed(3))
     losses = []
@@ -58,11 +67,17 @@ def test_nsa_model_trains_then_decodes_with_its_kv_cache_like_the_full_sequence(
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3, losses
     m.eval()
-    cache = KVCache(cfg, 1)
-    with torch.no_grad():
-        steps = [m(ids[:1, :20], cache)] + [m(ids[:1, t:t + 1], cache) for t in range(20, 40)]
-        full = m(ids[:1, :40])
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-4)
     cached = generate(m, [ids[0, :20].tolist()], 12, temperature=0.0)
     again = generate(m, [ids[0, :20].tolist()], 12, temperature=0.0, use_cache=False)
     assert cached == again
+    kernel_cfg, kernels = nsa_model("auto")
+    kernels.load_state_dict(m.state_dict())
+    kernels.eval()
+    for net, config, end in ((m, cfg, 40), (kernels, kernel_cfg, 28)):
+        cache = KVCache(config, 1)
+        with torch.no_grad():
+            steps = [net(ids[:1, :20], cache)] + [net(ids[:1, t:t + 1], cache) for t in range(20, end)]
+            full = net(ids[:1, :end])
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-4)
+        with torch.no_grad():
+            torch.testing.assert_close(full, m(ids[:1, :end]), atol=2e-5, rtol=1e-4)

@@ -159,6 +159,29 @@ def _quiet_kernel_manager():
     return QuietKernelManager
 
 
+def _quiet_abandoned_cells():
+    """The event loop papermill runs cells on, set to drop the error of a cell abandoned by Ctrl-C.
+
+    Ctrl-C (or SIGTERM) stops papermill while nbclient waits for a cell; papermill then shuts the
+    kernel down on the same loop, where the abandoned cell may wake, find its kernel gone and end
+    in a ``DeadKernelError`` that nothing reads. asyncio would print it ("Task exception was never
+    retrieved", with a traceback) after the line that says what was interrupted. Only that error
+    is dropped; a kernel that dies during a run is still reported by papermill, and any other
+    unread error still reaches asyncio's own handler.
+    """
+    from jupyter_core.utils import ensure_event_loop
+    from nbclient.exceptions import DeadKernelError
+
+    def handler(loop, context):
+        unread = context.get("message", "").startswith("Task exception was never retrieved")
+        if not (unread and isinstance(context.get("exception"), DeadKernelError)):
+            loop.default_exception_handler(context)
+
+    loop = ensure_event_loop()
+    loop.set_exception_handler(handler)
+    return loop
+
+
 def source_cell(source: Path, executed_index: int, injected: bool) -> str:
     """``"cell N"`` as a reader counts the cells of the source notebook (from 1), for a cell index
     of the executed copy, in which papermill inserted its parameters cell when it was given any."""
@@ -191,6 +214,7 @@ def execute_notebook(
 
     if results_path is not None and results_path.exists():
         results_path.unlink()
+    _quiet_abandoned_cells()
     try:
         with _patched_environ(kernel_environment(source, results_path)):
             papermill.execute_notebook(

@@ -211,6 +211,32 @@ def test_grid_interrupted_by_sigterm_has_a_table_of_what_is_on_disk(tmp_path):
     assert [r["x"] for r in rows] == ["1", "2", "3"] and [r["square"] for r in rows] == ["1", "4", "9"]
 
 
+def test_a_cell_abandoned_by_an_interrupt_ends_without_a_traceback(caplog):
+    """The race behind a traceback after "interrupted: ...": papermill shuts the kernel down on the
+    loop where the stopped cell waits, and the cell ends in an error nothing reads."""
+    import asyncio
+    import gc
+    import logging
+
+    from nbclient.exceptions import DeadKernelError
+
+    from lmcore.book import _quiet_abandoned_cells
+
+    loop = _quiet_abandoned_cells()
+
+    async def fail(err):
+        raise err
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        for err in (DeadKernelError("Kernel died"), ValueError("a real bug")):
+            task = loop.create_task(fail(err))
+            loop.run_until_complete(asyncio.wait([task]))  # finished; its error is never read
+            del task
+            gc.collect()
+    unread = [r.exc_info[1] for r in caplog.records if r.name == "asyncio" and r.exc_info]
+    assert [type(e) for e in unread] == [ValueError], unread
+
+
 def test_resume_refuses_a_folder_it_would_not_describe(toy, tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
